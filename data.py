@@ -1,0 +1,375 @@
+"""Competition constants, label parsing, DICOM series loading, geometry, crops, folds and cache.
+
+Everything that knows the RSNA 2024 lumbar spine data format lives here, so the training and
+inference scripts only speak in arrays:
+
+    study_ids, labels = read_labels("train.csv")          # labels (N, 25) int64, -1 = empty cell
+    series = load_series("train_images/4003253/702807833")  # volume (D, H, W) float32, spatial order
+"""
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# competition constants (defined once; every other file imports them)
+
+CONDITIONS = [
+    "spinal_canal_stenosis",
+    "left_neural_foraminal_narrowing",
+    "right_neural_foraminal_narrowing",
+    "left_subarticular_stenosis",
+    "right_subarticular_stenosis",
+]
+CONDITION_NAMES = [
+    "Spinal Canal Stenosis",
+    "Left Neural Foraminal Narrowing",
+    "Right Neural Foraminal Narrowing",
+    "Left Subarticular Stenosis",
+    "Right Subarticular Stenosis",
+]
+LEVELS = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
+LEVEL_NAMES = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
+SEVERITIES = ["Normal/Mild", "Moderate", "Severe"]
+SUBMISSION_COLUMNS = ["normal_mild", "moderate", "severe"]
+SEVERITY_WEIGHTS = (1.0, 2.0, 4.0)  # metric sample weight of each true class
+LABEL_COLUMNS = [f"{c}_{lv}" for c in CONDITIONS for lv in LEVELS]  # the 25 train.csv columns, in order
+MISSING = -1  # label value of an empty train.csv cell; never filled with a class
+
+SERIES_TYPES = ["Sagittal T2/STIR", "Sagittal T1", "Axial T2"]
+SERIES_OF_CONDITION = {
+    "spinal_canal_stenosis": "Sagittal T2/STIR",
+    "left_neural_foraminal_narrowing": "Sagittal T1",
+    "right_neural_foraminal_narrowing": "Sagittal T1",
+    "left_subarticular_stenosis": "Axial T2",
+    "right_subarticular_stenosis": "Axial T2",
+}
+# the landmark points each series type carries, as (condition, level) in a fixed order
+POINTS_OF_SERIES = {
+    s: [(c, lv) for c in CONDITIONS if SERIES_OF_CONDITION[c] == s for lv in LEVELS] for s in SERIES_TYPES
+}
+
+# -----------------------------------------------------------------------------
+# label files
+
+
+def _fail(path, message):
+    raise ValueError(f"{path}: {message}")
+
+
+def read_labels(path):
+    """train.csv -> (study_ids (N,) int64, labels (N, 25) int64), class index or MISSING for an empty cell."""
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    absent = [c for c in ["study_id"] + LABEL_COLUMNS if c not in frame.columns]
+    if absent:
+        _fail(path, f"missing columns {absent}")
+    extra = [c for c in frame.columns if c not in ["study_id"] + LABEL_COLUMNS]
+    if extra:
+        _fail(path, f"unknown columns {extra}")
+    codes = {s: i for i, s in enumerate(SEVERITIES)}
+    codes[""] = MISSING
+    labels = np.full((len(frame), len(LABEL_COLUMNS)), MISSING, dtype=np.int64)
+    for j, column in enumerate(LABEL_COLUMNS):
+        values = frame[column].str.strip()
+        unknown = sorted(set(values) - set(codes))
+        if unknown:
+            row = int(np.flatnonzero(values.isin(unknown))[0]) + 2  # +2: header line, 1-based
+            _fail(path, f"line {row}, column {column}: unknown severity {unknown[0]!r} (expected one of {SEVERITIES} or empty)")
+        labels[:, j] = values.map(codes).to_numpy()
+    return frame["study_id"].astype(np.int64).to_numpy(), labels
+
+
+def _normalise_names(values, title_names, snake_names, path, column):
+    """Map Title Case ('L1/L2') or snake_case ('l1_l2') strings to snake_case; fail on anything else."""
+    lookup = {t.lower(): s for t, s in zip(title_names, snake_names)} | {s: s for s in snake_names}
+    mapped = values.str.strip().str.lower().map(lookup)
+    if mapped.isna().any():
+        row = int(np.flatnonzero(mapped.isna().to_numpy())[0])
+        _fail(path, f"line {row + 2}: unknown {column} {values.iloc[row]!r}")
+    return mapped
+
+
+def read_coordinates(path):
+    """train_label_coordinates.csv -> DataFrame with snake_case condition/level and float x, y."""
+    frame = pd.read_csv(path)
+    needed = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    absent = [c for c in needed if c not in frame.columns]
+    if absent:
+        _fail(path, f"missing columns {absent}")
+    frame["condition"] = _normalise_names(frame["condition"].astype(str), CONDITION_NAMES, CONDITIONS, path, "condition")
+    frame["level"] = _normalise_names(frame["level"].astype(str), LEVEL_NAMES, LEVELS, path, "level")
+    bad = ~np.isfinite(frame[["x", "y"]].to_numpy(float)).all(axis=1)
+    if bad.any():
+        _fail(path, f"line {int(np.flatnonzero(bad)[0]) + 2}: x or y is not a finite number")
+    return frame[needed].astype({"study_id": np.int64, "series_id": np.int64, "instance_number": np.int64})
+
+
+def read_series_descriptions(path):
+    """*_series_descriptions.csv -> DataFrame(study_id, series_id, series_description), strings checked."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: series description file not found")
+    frame = pd.read_csv(path, dtype={"study_id": np.int64, "series_id": np.int64, "series_description": str})
+    unknown = ~frame["series_description"].isin(SERIES_TYPES)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        _fail(path, f"line {row + 2}: unknown series_description {frame['series_description'].iloc[row]!r} (expected one of {SERIES_TYPES})")
+    return frame
+
+
+def series_by_study(descriptions):
+    """{study_id: {series type: [series_id, ...]}}; a type a study lacks maps to []; several are kept in file order."""
+    out = {}
+    for row in descriptions.itertuples(index=False):
+        per_type = out.setdefault(int(row.study_id), {s: [] for s in SERIES_TYPES})
+        per_type[row.series_description].append(int(row.series_id))
+    return out
+
+
+def assign_folds(study_ids, n_folds=5, seed=0):
+    """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any input order."""
+    unique = np.unique(np.asarray(study_ids, dtype=np.int64))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    return {int(unique[i]): rank % n_folds for rank, i in enumerate(order)}
+
+# -----------------------------------------------------------------------------
+# DICOM series
+
+
+@dataclass
+class Series:
+    """A series as arrays, slices in spatial order (ascending IPP . n within a stack)."""
+
+    volume: np.ndarray  # (D, H, W) float32, rescaled, MONOCHROME1 inverted, every frame at the common size
+    instance_numbers: np.ndarray  # (D,) int64
+    positions: np.ndarray  # (D, 3) ImagePositionPatient of each frame as returned, mm
+    orientations: np.ndarray  # (D, 6) ImageOrientationPatient [u, v]
+    pixel_spacing: np.ndarray  # (D, 2) [row, col] mm of the frames as returned
+    original_sizes: np.ndarray  # (D, 2) [rows, cols] of each frame on disk; labels live in these pixels
+    stack_ids: np.ndarray  # (D,) int64, which orientation group (stack) a slice belongs to
+
+
+class DecoderMissing(RuntimeError):
+    """A compressed transfer syntax that no installed package decodes: fatal, never skipped."""
+
+
+def _read_frame(path):
+    """One DICOM file -> (dataset, float32 image after MONOCHROME1 inversion and rescale), or raise."""
+    ds = pydicom.dcmread(path)
+    if "PixelData" not in ds:
+        raise ValueError("no pixel data")
+    try:
+        stored = ds.pixel_array
+    except RuntimeError as error:  # pydicom: no installed plugin can decode this transfer syntax
+        raise DecoderMissing(f"{path}: cannot decode {ds.file_meta.TransferSyntaxUID.name}: {error}") from error
+    if stored.ndim != 2:
+        raise ValueError(f"expected one 2D frame, got pixel array of shape {stored.shape}")
+    image = stored.astype(np.float32)
+    if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
+        # MONOCHROME1 shows the lowest stored value white: flip within the stored bit range
+        image = float(2 ** int(ds.get("BitsStored", 16)) - 1) - image
+    slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+    return ds, image * slope + intercept
+
+
+def _frame_geometry(ds, path):
+    """(IPP (3,), IOP (6,), spacing [row, col]) of one frame; spacing 1 mm with a warning when absent."""
+    spacing = ds.get("PixelSpacing")
+    if spacing is None:
+        warnings.warn(f"{path}: no PixelSpacing, assuming 1 mm")
+        spacing = [1.0, 1.0]
+    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
+    if position is None or orientation is None:
+        return None, None, np.asarray(spacing, np.float64)
+    return np.asarray(position, np.float64), np.asarray(orientation, np.float64), np.asarray(spacing, np.float64)
+
+
+def _group_by_orientation(orientations, tolerance_deg=1.0):
+    """Stack id per slice: slices whose normals agree within tolerance_deg belong to one stack."""
+    normals = slice_normals(orientations)
+    stack_ids = np.full(len(normals), -1, dtype=np.int64)
+    references = []
+    for i, normal in enumerate(normals):
+        for k, reference in enumerate(references):
+            if abs(float(normal @ reference)) >= np.cos(np.radians(tolerance_deg)):
+                stack_ids[i] = k
+                break
+        else:
+            references.append(normal)
+            stack_ids[i] = len(references) - 1
+    return stack_ids
+
+
+def _spatial_order(positions, orientations, instance_numbers):
+    """Slice order: stacks by their centre along the main stack's normal, then IPP . n inside each stack."""
+    stack_ids = _group_by_orientation(orientations)
+    normals = slice_normals(orientations)
+    main_normal = normals[np.bincount(stack_ids).argmax() == stack_ids][0]
+    along_main = positions @ main_normal
+    stack_rank = {k: along_main[stack_ids == k].mean() for k in np.unique(stack_ids)}
+    keys = [(stack_rank[k], float(p @ n), int(inst)) for k, p, n, inst in zip(stack_ids, positions, normals, instance_numbers)]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    remap = {k: r for r, k in enumerate(sorted(stack_rank, key=stack_rank.get))}
+    return np.asarray(order), np.asarray([remap[k] for k in stack_ids[order]])
+
+
+def _resize_frame(image, size):
+    """Bilinear resize of one (h, w) frame to size (H, W); pixel centres map as in to_resized()."""
+    tensor = torch.from_numpy(image)[None, None]
+    return F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+
+def load_series(series_dir, cache_dir=None):
+    """A series folder of {instance_number}.dcm -> Series in spatial order (see Series for the fields).
+
+    Unreadable files are skipped with a warning naming them; a series with no readable frame, or a
+    compressed file that no installed decoder handles, raises. With cache_dir, the decoded arrays are
+    kept on disk under a key of the files' names, sizes and modification times.
+    """
+    names = sorted(n for n in os.listdir(series_dir) if os.path.isfile(os.path.join(series_dir, n)) and not n.startswith("."))
+    cache_path = _cache_path(series_dir, names, cache_dir) if cache_dir else None
+    if cache_path and os.path.exists(cache_path):
+        with np.load(cache_path) as stored:
+            return Series(**{k: stored[k] for k in stored.files})
+    frames, problems = [], []
+    for name in names:
+        path = os.path.join(series_dir, name)
+        try:
+            ds, image = _read_frame(path)
+        except DecoderMissing:
+            raise
+        except Exception as error:  # a broken or non-DICOM file costs one slice, not the study
+            problems.append(f"{path}: {type(error).__name__}: {error}")
+            warnings.warn(f"{path}: unreadable DICOM, skipped ({type(error).__name__}: {error})")
+            continue
+        frames.append((ds, image, path))
+    if not frames:
+        first = f" (first: {problems[0]})" if problems else ""
+        raise ValueError(f"{series_dir}: no readable DICOM slice among {len(names)} files{first}")
+    series = _assemble(frames, series_dir)
+    if cache_path:
+        os.makedirs(cache_dir, exist_ok=True)
+        temporary = cache_path + ".tmp.npz"
+        np.savez(temporary, **series.__dict__)
+        os.replace(temporary, cache_path)  # atomic: a killed run never leaves half a cache file
+    return series
+
+
+def _cache_path(series_dir, names, cache_dir):
+    stats = [(n, os.stat(os.path.join(series_dir, n))) for n in names]
+    signature = "v1|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
+    key = hashlib.sha1((os.path.abspath(series_dir) + signature).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(series_dir))}_{key}.npz")
+
+
+def _assemble(frames, series_dir):
+    """Decoded frames -> Series: geometry, common frame size, spatial order."""
+    instance_numbers = np.array([int(ds.get("InstanceNumber", i)) for i, (ds, _, _) in enumerate(frames)])
+    geometry = [_frame_geometry(ds, path) for ds, _, path in frames]
+    if any(position is None for position, _, _ in geometry):
+        warnings.warn(f"{series_dir}: ImagePositionPatient/ImageOrientationPatient missing, ordering slices by "
+                      "instance number and assuming 1 mm steps along an axial normal")
+        geometry = [(np.array([0.0, 0.0, float(k)]), np.array([1.0, 0, 0, 0, 1, 0]), s) for k, (_, _, s) in zip(instance_numbers, geometry)]
+    positions = np.stack([g[0] for g in geometry])
+    orientations = np.stack([g[1] for g in geometry])
+    spacing = np.stack([g[2] for g in geometry])
+    original_sizes = np.array([image.shape for _, image, _ in frames], dtype=np.int64)
+    sizes, counts = np.unique(original_sizes, axis=0, return_counts=True)
+    common = sizes[counts.argmax()]
+    images = []
+    for d, (_, image, _) in enumerate(frames):
+        if tuple(image.shape) != tuple(common):
+            image = _resize_frame(image, common)
+            # the resized grid's pixel (0, 0) centre and step, expressed through the one pixel-mapping pair
+            origin = to_original(np.zeros(2), original_sizes[d], common)
+            positions[d] = pixel_to_patient(positions[d], orientations[d], spacing[d], origin[0], origin[1])
+            spacing[d] = spacing[d] * original_sizes[d] / common
+        images.append(image)
+    order, stack_ids = _spatial_order(positions, orientations, instance_numbers)
+    return Series(volume=np.stack(images)[order].astype(np.float32), instance_numbers=instance_numbers[order],
+                  positions=positions[order], orientations=orientations[order], pixel_spacing=spacing[order],
+                  original_sizes=original_sizes[order], stack_ids=stack_ids)
+
+
+# -----------------------------------------------------------------------------
+# geometry: every conversion between original pixels, resized pixels, and patient mm goes through here
+
+
+def to_resized(xy, original_hw, resized_hw):
+    """(..., 2) [col, row] in an image of size original_hw (rows, cols) -> the same points after resizing.
+
+    Pixel centres, as F.interpolate(align_corners=False) and PIL place them: x' = (x + 0.5) * W'/W - 0.5.
+    """
+    scale = np.asarray(resized_hw, np.float64)[::-1] / np.asarray(original_hw, np.float64)[::-1]
+    return (np.asarray(xy, np.float64) + 0.5) * scale - 0.5
+
+
+def to_original(xy, original_hw, resized_hw):
+    """Inverse of to_resized: [col, row] in the resized image -> [col, row] in the original."""
+    scale = np.asarray(resized_hw, np.float64)[::-1] / np.asarray(original_hw, np.float64)[::-1]
+    return (np.asarray(xy, np.float64) + 0.5) / scale - 0.5
+
+
+def slice_normals(orientations):
+    """(..., 6) IOP -> (..., 3) unit normal n = u x v."""
+    orientations = np.asarray(orientations, np.float64)
+    normal = np.cross(orientations[..., :3], orientations[..., 3:])
+    return normal / np.linalg.norm(normal, axis=-1, keepdims=True)
+
+
+def pixel_to_patient(position, orientation, spacing, col, row):
+    """Pixel (col, row) of a frame -> patient mm (..., 3): IPP + col*spacing[1]*u + row*spacing[0]*v."""
+    position, orientation, spacing = (np.asarray(a, np.float64) for a in (position, orientation, spacing))
+    col, row = np.asarray(col, np.float64)[..., None], np.asarray(row, np.float64)[..., None]
+    return position + col * spacing[..., 1:2] * orientation[..., :3] + row * spacing[..., 0:1] * orientation[..., 3:]
+
+
+def patient_to_pixel(position, orientation, spacing, point):
+    """Patient mm (..., 3) -> (col, row, signed distance in mm from the frame's plane along n)."""
+    position, orientation, spacing = (np.asarray(a, np.float64) for a in (position, orientation, spacing))
+    offset = np.asarray(point, np.float64) - position
+    col = (offset * orientation[..., :3]).sum(-1) / spacing[..., 1]
+    row = (offset * orientation[..., 3:]).sum(-1) / spacing[..., 0]
+    return col, row, (offset * slice_normals(orientation)).sum(-1)
+
+
+def series_pixel_to_patient(series, slice_index, col, row):
+    """(slice index, col, row) in the volume's pixels -> patient mm (3,)."""
+    d = int(slice_index)
+    return pixel_to_patient(series.positions[d], series.orientations[d], series.pixel_spacing[d], col, row)
+
+
+def series_patient_to_pixel(series, point):
+    """Patient mm (3,) -> (slice index, col, row, distance mm) on the nearest slice whose frame holds the point.
+
+    Falls back to the nearest plane when no frame holds it (a point outside the field of view).
+    """
+    cols, rows, distances = patient_to_pixel(series.positions, series.orientations, series.pixel_spacing, np.asarray(point)[None])
+    height, width = series.volume.shape[1:]
+    inside = (cols >= -0.5) & (cols <= width - 0.5) & (rows >= -0.5) & (rows <= height - 0.5)
+    penalty = np.abs(distances) + np.where(inside, 0.0, 1e6)
+    d = int(penalty.argmin())
+    return d, float(cols[d]), float(rows[d]), float(distances[d])
+
+
+def label_to_volume(series, instance_number, x, y):
+    """A label (instance number, x, y in that file's original pixels) -> (slice index, col, row) in the volume."""
+    matches = np.flatnonzero(series.instance_numbers == int(instance_number))
+    if len(matches) == 0:
+        raise KeyError(f"instance {instance_number} not in series (has {sorted(series.instance_numbers.tolist())})")
+    d = int(matches[0])
+    col, row = to_resized([x, y], series.original_sizes[d], series.volume.shape[1:])
+    return d, float(col), float(row)
+
+
+def volume_to_label(series, slice_index, col, row):
+    """Inverse of label_to_volume: (slice index, col, row) in the volume -> (instance number, x, y) original pixels."""
+    d = int(np.clip(round(float(slice_index)), 0, len(series.instance_numbers) - 1))
+    x, y = to_original([col, row], series.original_sizes[d], series.volume.shape[1:])
+    return int(series.instance_numbers[d]), float(x), float(y)
