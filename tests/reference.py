@@ -28,9 +28,11 @@ each submitted row to sum 1 and then calls sklearn.metrics.log_loss (sklearn < 1
    value is computed anyway (it is well defined).
 7. Final score = plain mean of the four terms (spinal, foraminal, subarticular, any_severe_spinal).
 """
+import csv
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -222,4 +224,222 @@ def patient_mm_to_pixel(ds, point_mm):
 
 # ----------------------------------------------------------------------------- layout
 
-from layout_reference import check_layout  # noqa: E402,F401  (kept in its own file for size)
+# check_layout collects human-readable problems, each starting with the file it is about. DICOM
+# failures (unreadable file, pixel_array that does not decode) are reported like any other problem:
+# the caller filters the ones it expects (e.g. the one corrupt file of synthetic --quirks).
+
+_INT = re.compile(r"^[0-9]+$")
+_DCM_NAME = re.compile(r"^([0-9]+)\.dcm$")
+
+
+def _read_rows(data_dir, name, header, problems):
+    """Rows of a CSV as lists of exact strings, or None when the file is missing or its header is wrong."""
+    path = Path(data_dir) / name
+    if not path.is_file():
+        problems.append(f"{name}: missing")
+        return None
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or rows[0] != header:
+        problems.append(f"{name}: header {rows[0] if rows else []} != {header}")
+        return None
+    good = []
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            problems.append(f"{name}: line {line} has {len(row)} fields, expected {len(header)}")
+        else:
+            good.append(row)
+    return good
+
+
+def _dicom_info(path, cache):
+    """(rows, columns, list of problems) for one .dcm; decodes pixel_array once per file."""
+    if path in cache:
+        return cache[path]
+    issues, shape = [], None
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as error:  # any failure to parse is a finding, not a crash
+        cache[path] = (None, [f"unreadable by pydicom.dcmread ({type(error).__name__}: {error})"])
+        return cache[path]
+    try:
+        shape = (int(ds.Rows), int(ds.Columns))
+        pixels = ds.pixel_array
+        if tuple(pixels.shape) != shape:
+            issues.append(f"pixel_array shape {pixels.shape} != (Rows, Columns) {shape}")
+    except Exception as error:
+        issues.append(f"pixel_array does not decode ({type(error).__name__}: {error})")
+    match = _DCM_NAME.match(path.name)
+    if match and str(ds.get("InstanceNumber", "")).strip() != str(int(match.group(1))):
+        issues.append(f"InstanceNumber tag {ds.get('InstanceNumber')} != file name")
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if keyword not in ds:
+            issues.append(f"no {keyword}")
+    if ds.get("BitsAllocated") != 16:
+        issues.append(f"BitsAllocated {ds.get('BitsAllocated')} != 16")
+    if ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+        issues.append(f"PhotometricInterpretation {ds.get('PhotometricInterpretation')}")
+    cache[path] = (shape, issues)
+    return cache[path]
+
+
+def _check_series(data_dir, name, images, problems, cache):
+    """Checks a *_series_descriptions.csv against its image folder; returns {(study, series): description}."""
+    rows = _read_rows(data_dir, name, SERIES_HEADER, problems)
+    listed = {}
+    for study, series, description in rows or []:
+        if not (_INT.match(study) and _INT.match(series)):
+            problems.append(f"{name}: non-integer ids {study},{series}")
+            continue
+        if description not in DESCRIPTIONS:
+            problems.append(f"{name}: study {study} series {series}: bad description {description!r}")
+        if (study, series) in listed:
+            problems.append(f"{name}: duplicate series {study}/{series}")
+        listed[(study, series)] = description
+        folder = Path(data_dir) / images / study / series
+        if not folder.is_dir() or not any(folder.glob("*.dcm")):
+            problems.append(f"{name}: series {study}/{series} has no folder with .dcm files in {images}/")
+    root = Path(data_dir) / images
+    if not root.is_dir():
+        problems.append(f"{images}/: missing")
+        return listed
+    for study_dir in sorted(root.iterdir()):
+        for series_dir in sorted(study_dir.iterdir()) if study_dir.is_dir() else [study_dir]:
+            if (study_dir.name, series_dir.name) not in listed:
+                problems.append(f"{images}/{study_dir.name}/{series_dir.name}: not listed in {name}")
+            if not series_dir.is_dir():
+                continue
+            for path in sorted(series_dir.iterdir()):
+                relative = f"{images}/{study_dir.name}/{series_dir.name}/{path.name}"
+                if not _DCM_NAME.match(path.name):
+                    problems.append(f"{relative}: name is not {{instance_number}}.dcm")
+                    continue
+                for issue in _dicom_info(path, cache)[1]:
+                    problems.append(f"{relative}: {issue}")
+    return listed
+
+
+def _check_labels(rows, name, series, problems):
+    """Checks a train.csv-shaped file (rows without header); returns its set of study ids."""
+    studies = set()
+    series_studies = {study for study, _ in series}
+    for row in rows or []:
+        study = row[0]
+        if not _INT.match(study):
+            problems.append(f"{name}: non-integer study_id {study!r}")
+            continue
+        if study in studies:
+            problems.append(f"{name}: duplicate study_id {study}")
+        studies.add(study)
+        for column, value in zip(COLUMNS, row[1:]):
+            if value != "" and value not in SEVERITIES:
+                problems.append(f"{name}: study {study} {column}: bad value {value!r}")
+        if study not in series_studies:
+            problems.append(f"{name}: study {study} has no series rows")
+    for study in sorted(series_studies - studies):
+        problems.append(f"{name}: study {study} has series but no label row")
+    return studies
+
+
+def _check_coordinates(data_dir, name, images, series, label_studies, problems, cache):
+    """Checks a train_label_coordinates.csv-shaped file; returns its set of study ids."""
+    rows = _read_rows(data_dir, name, COORD_HEADER, problems)
+    seen, studies = set(), set()
+    for line, (study, series_id, instance, condition, level, x, y) in enumerate(rows or [], start=2):
+        where = f"{name}: line {line}"
+        if not (_INT.match(study) and _INT.match(series_id) and _INT.match(instance)):
+            problems.append(f"{where}: non-integer ids {study},{series_id},{instance}")
+            continue
+        studies.add(study)
+        if condition not in TITLE_CONDITIONS or level not in TITLE_LEVELS:
+            problems.append(f"{where}: bad condition/level {condition!r} {level!r}")
+            continue
+        if (study, condition, level) in seen:
+            problems.append(f"{where}: duplicate {study} {condition} {level}")
+        seen.add((study, condition, level))
+        if label_studies is not None and study not in label_studies:
+            problems.append(f"{where}: study {study} has no label row")
+        if (study, series_id) not in series:
+            problems.append(f"{where}: series {study}/{series_id} not listed")
+            continue
+        if series[(study, series_id)] != TITLE_CONDITIONS[condition]:
+            problems.append(f"{where}: {condition} on a {series[(study, series_id)]!r} series, "
+                            f"expected {TITLE_CONDITIONS[condition]!r}")
+        path = Path(data_dir) / images / study / series_id / f"{instance}.dcm"
+        if not path.is_file():
+            problems.append(f"{where}: no file {images}/{study}/{series_id}/{instance}.dcm")
+            continue
+        try:
+            col, row = float(x), float(y)
+        except ValueError:
+            problems.append(f"{where}: x, y not numbers {x!r} {y!r}")
+            continue
+        shape = _dicom_info(path, cache)[0]
+        if shape is not None and not (0 <= col < shape[1] and 0 <= row < shape[0]):
+            problems.append(f"{where}: (x, y) = ({x}, {y}) outside the {shape[1]}x{shape[0]} image")
+    return studies
+
+
+def _check_submission(data_dir, test_studies, problems):
+    name = "sample_submission.csv"
+    rows = _read_rows(data_dir, name, SUBMISSION_HEADER, problems)
+    if rows is None:
+        return
+    found, values = {}, set()
+    for row_id, *probs in rows:
+        match = re.match(r"^([0-9]+)_(.+)$", row_id)
+        if not match or match.group(2) not in COLUMNS:
+            problems.append(f"{name}: bad row_id {row_id!r}")
+            continue
+        if row_id in found:
+            problems.append(f"{name}: duplicate row_id {row_id}")
+        found[row_id] = match.group(1)
+        try:
+            numbers = [float(p) for p in probs]
+        except ValueError:
+            problems.append(f"{name}: {row_id}: non-numeric values {probs}")
+            continue
+        if not all(math.isfinite(p) and p >= 0 for p in numbers) or abs(sum(numbers) - 1) > 1e-6:
+            problems.append(f"{name}: {row_id}: values {probs} are not probabilities summing to 1")
+        values.add(tuple(probs))
+    if len(values) > 1:
+        problems.append(f"{name}: rows are not one constant placeholder ({len(values)} distinct; may leak truth)")
+    for study in sorted(set(found.values()) - test_studies):
+        problems.append(f"{name}: study {study} is not a test study")
+    for study in sorted(test_studies):
+        missing = [c for c in COLUMNS if f"{study}_{c}" not in found]
+        if missing:
+            problems.append(f"{name}: test study {study} lacks {len(missing)} of 25 rows")
+
+
+def check_layout(data_dir):
+    """Problems (strings naming their file) of a folder in the competition layout; [] means OK."""
+    data_dir = Path(data_dir)
+    problems, cache = [], {}
+    train_series = _check_series(data_dir, "train_series_descriptions.csv", "train_images", problems, cache)
+    test_series = _check_series(data_dir, "test_series_descriptions.csv", "test_images", problems, cache)
+    train_rows = _read_rows(data_dir, "train.csv", TRAIN_HEADER, problems)
+    train_studies = _check_labels(train_rows, "train.csv", train_series, problems)
+    coord_studies = _check_coordinates(data_dir, "train_label_coordinates.csv", "train_images", train_series,
+                                       train_studies if train_rows is not None else None, problems, cache)
+    test_studies = {study for study, _ in test_series}
+    _check_submission(data_dir, test_studies, problems)
+    solution_studies = None
+    if (data_dir / "solution.csv").exists():
+        solution_rows = _read_rows(data_dir, "solution.csv", TRAIN_HEADER, problems)
+        if solution_rows is not None:
+            solution_studies = _check_labels(solution_rows, "solution.csv", test_series, problems)
+    if (data_dir / "solution_coordinates.csv").exists():
+        _check_coordinates(data_dir, "solution_coordinates.csv", "test_images", test_series,
+                           solution_studies, problems, cache)
+    train_series_ids = {series for _, series in train_series}
+    for study in sorted(test_studies & train_studies):
+        problems.append(f"train.csv: test study {study} has training labels (test truth leaks)")
+    for study in sorted(test_studies & coord_studies):
+        problems.append(f"train_label_coordinates.csv: test study {study} has coordinates (test truth leaks)")
+    for study in sorted(test_studies & {study for study, _ in train_series}):
+        problems.append(f"train_series_descriptions.csv: test study {study} is also a training study")
+    for study, series in sorted(test_series):
+        if series in train_series_ids:
+            problems.append(f"test_series_descriptions.csv: series {series} of {study} is also a training series")
+    return problems

@@ -1,0 +1,145 @@
+"""Training losses and the exact competition metric.
+
+    score = competition_score(solution_frame, submission_frame)   # as the RSNA 2024 host scores it
+    loss = weighted_cross_entropy(logits, targets)                 # (N, 3), (N,) with -1 = no label
+"""
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from data import CONDITIONS, LABEL_COLUMNS, LEVELS, MISSING, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
+
+EPS = np.finfo(np.float64).eps  # the host clips probabilities to [eps, 1 - eps]
+METRIC_GROUPS = {  # the three pooled row groups of the metric
+    "spinal": ["spinal_canal_stenosis"],
+    "foraminal": ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"],
+    "subarticular": ["left_subarticular_stenosis", "right_subarticular_stenosis"],
+}
+
+
+def _weighted_log_loss(true_index, probabilities, weights):
+    """sum_i w_i * -log p_i[true_i] / sum_i w_i, rows clipped to [eps, 1 - eps] then normalised (as sklearn)."""
+    clipped = np.clip(probabilities, EPS, 1 - EPS)
+    clipped = clipped / clipped.sum(axis=1, keepdims=True)
+    picked = clipped[np.arange(len(true_index)), true_index]
+    return float(np.sum(weights * -np.log(picked)) / np.sum(weights))
+
+
+def _solution_long(solution):
+    """train.csv-shaped frame -> long frame (row_id, study_id, condition, level, target), empty cells dropped."""
+    codes = {s: i for i, s in enumerate(SEVERITIES)}
+    rows = []
+    for column in LABEL_COLUMNS:
+        condition, level = column[: -len("_l1_l2")], column[-len("l1_l2"):]
+        for study_id, value in zip(solution["study_id"], solution[column]):
+            if isinstance(value, str) and value.strip():
+                if value.strip() not in codes:
+                    raise ValueError(f"solution: unknown severity {value!r} in column {column}")
+                rows.append((f"{int(study_id)}_{column}", int(study_id), condition, level, codes[value.strip()]))
+    return pd.DataFrame(rows, columns=["row_id", "study_id", "condition", "level", "target"])
+
+
+def _check_submission(submission, needed_row_ids):
+    absent = [c for c in ["row_id"] + SUBMISSION_COLUMNS if c not in submission.columns]
+    if absent:
+        raise ValueError(f"submission: missing columns {absent}")
+    if submission["row_id"].duplicated().any():
+        raise ValueError(f"submission: duplicated row_id {submission['row_id'][submission['row_id'].duplicated()].iloc[0]}")
+    missing = sorted(set(needed_row_ids) - set(submission["row_id"]))
+    if missing:
+        raise ValueError(f"submission: {len(missing)} rows missing, e.g. {missing[:3]}")
+    values = submission[SUBMISSION_COLUMNS].to_numpy(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("submission: non-finite probabilities")
+    if (values < 0).any():
+        raise ValueError("submission: negative probabilities")
+
+
+def _aligned(solution, submission):
+    """Scored rows of the solution with their submitted probabilities (clipped, normalised) and metric weights."""
+    truth = _solution_long(solution)
+    _check_submission(submission, truth["row_id"])
+    predicted = submission.set_index("row_id").loc[truth["row_id"], SUBMISSION_COLUMNS].to_numpy(np.float64)
+    predicted = np.clip(predicted, EPS, 1 - EPS)
+    predicted = predicted / predicted.sum(axis=1, keepdims=True)
+    return truth, predicted, np.asarray(SEVERITY_WEIGHTS)[truth["target"].to_numpy()]
+
+
+def condition_group_losses(solution, submission):
+    """{spinal, foraminal, subarticular, any_severe_spinal: loss}: the four terms the competition score averages."""
+    truth, predicted, weights = _aligned(solution, submission)
+    targets = truth["target"].to_numpy()
+    out = {}
+    for name, conditions in METRIC_GROUPS.items():
+        rows = truth["condition"].isin(conditions).to_numpy()
+        out[name] = _weighted_log_loss(targets[rows], predicted[rows], weights[rows])
+    spinal = truth.assign(severe=predicted[:, 2], weight=weights)[truth["condition"] == "spinal_canal_stenosis"]
+    per_study = spinal.groupby("study_id").agg(severe=("severe", "max"), weight=("weight", "max"), target=("target", "max"))
+    binary = np.stack([1 - per_study["severe"], per_study["severe"]], axis=1)
+    any_severe = (per_study["target"] == 2).astype(int).to_numpy()
+    out["any_severe_spinal"] = _weighted_log_loss(any_severe, binary, per_study["weight"].to_numpy())
+    return out
+
+
+def competition_score(solution, submission):
+    """The RSNA 2024 metric: mean of three weighted log losses (spinal, foraminal, subarticular) and any_severe_spinal.
+
+    solution: DataFrame like train.csv (study_id + 25 columns of severity strings, empty = not scored).
+    submission: DataFrame like sample_submission.csv. Rows are clipped to [eps, 1 - eps] and normalised to sum 1
+    before use, as the host's log loss does; any_severe uses the max over levels of the normalised `severe`.
+    Raises ValueError on missing or duplicated rows, non-finite or negative values.
+    """
+    return float(np.mean(list(condition_group_losses(solution, submission).values())))
+
+
+def labels_to_solution(study_ids, labels):
+    """(N,) study ids and (N, 25) class indices (MISSING = empty) -> a train.csv-shaped DataFrame."""
+    names = np.array(SEVERITIES + [""], dtype=object)
+    frame = pd.DataFrame(names[np.where(labels == MISSING, len(SEVERITIES), labels)], columns=LABEL_COLUMNS)
+    frame.insert(0, "study_id", np.asarray(study_ids, np.int64))
+    return frame
+
+
+def probabilities_to_submission(study_ids, probabilities):
+    """(N,) study ids and (N, 25, 3) probabilities -> a sample_submission.csv-shaped DataFrame, 25 rows a study."""
+    row_ids = [f"{int(s)}_{column}" for s in study_ids for column in LABEL_COLUMNS]
+    frame = pd.DataFrame(np.asarray(probabilities, np.float64).reshape(-1, 3), columns=SUBMISSION_COLUMNS)
+    frame.insert(0, "row_id", row_ids)
+    return frame
+
+
+def weighted_prior(labels, smoothing=0.0):
+    """(25, 3) per-column class frequencies times the metric weights (1, 2, 4), renormalised: the usual baseline."""
+    counts = np.stack([(labels == k).sum(axis=0) for k in range(len(SEVERITIES))], axis=1).astype(np.float64) + smoothing
+    weighted = counts * np.asarray(SEVERITY_WEIGHTS)
+    return weighted / weighted.sum(axis=1, keepdims=True)
+
+
+# -----------------------------------------------------------------------------
+# training losses
+
+
+def weighted_cross_entropy(logits, targets):
+    """Cross entropy weighted (1, 2, 4) by the true class, as the metric is; targets == MISSING are masked out.
+
+    logits (N, 3), targets (N,) int64. Returns the weighted mean over labelled rows (0 with a graph if none).
+    """
+    weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)
+    labelled = targets != MISSING
+    safe_targets = targets.clamp(min=0)
+    per_row = F.cross_entropy(logits.float(), safe_targets, reduction="none")
+    row_weights = weights[safe_targets] * labelled
+    return (per_row * row_weights).sum() / row_weights.sum().clamp(min=1e-8)
+
+
+def any_severe_loss(spinal_logits, spinal_targets):
+    """The metric's any_severe_spinal term: spinal_logits (B, 5, 3), targets (B, 5). Weighted binary log loss
+    of max over levels of p(severe) against 'any level Severe', weight = the worst labelled row's weight."""
+    severe = spinal_logits.float().softmax(-1)[..., 2].max(dim=1).values.clamp(EPS, 1 - EPS)
+    labelled = spinal_targets != MISSING
+    worst = torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
+    weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=severe.dtype, device=severe.device)[worst] * labelled.any(dim=1)
+    target = (worst == 2).to(severe.dtype)
+    loss = F.binary_cross_entropy(severe, target, reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
