@@ -373,3 +373,72 @@ def volume_to_label(series, slice_index, col, row):
     d = int(np.clip(round(float(slice_index)), 0, len(series.instance_numbers) - 1))
     x, y = to_original([col, row], series.original_sizes[d], series.volume.shape[1:])
     return int(series.instance_numbers[d]), float(x), float(y)
+
+
+# -----------------------------------------------------------------------------
+# network inputs
+
+
+def normalise_volume(volume):
+    """Robust intensity scaling of a whole series to about [0, 1] (1st and 99.5th percentile), float32."""
+    low, high = np.percentile(volume, [1.0, 99.5])
+    return np.clip((volume - low) / max(high - low, 1e-6), 0.0, 1.5).astype(np.float32)
+
+
+def resize_volume(volume, size):
+    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with to_resized()."""
+    tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def slice_offsets(series):
+    """(D,) signed offset in mm of each slice from the stack's mean position.
+
+    Sagittal stacks: along patient x, so + is always the patient's left whatever the slice order.
+    Axial stacks: along the main normal (superior-inferior for a contiguous stack).
+    """
+    normals = slice_normals(series.orientations)
+    main_normal = normals[np.bincount(series.stack_ids).argmax() == series.stack_ids][0]
+    axis = np.array([1.0, 0.0, 0.0]) if abs(main_normal[0]) > 0.7 else main_normal
+    along = series.positions @ axis
+    return (along - along.mean()).astype(np.float32)
+
+
+def flip_left_right(images, points):
+    """Mirror images (..., H, W) along columns and swap the left/right halves of points (K, ...).
+
+    points hold the left points first, then the right points, columns in [..., 0] as pixel x; the
+    mirrored left point becomes the new right point and vice versa, so the labels stay true anatomy.
+    """
+    width = images.shape[-1]
+    flipped = images.flip(-1) if torch.is_tensor(images) else images[..., ::-1].copy()
+    mirrored = points.copy()
+    mirrored[..., 0] = width - 1 - points[..., 0]
+    half = len(points) // 2
+    return flipped, np.concatenate([mirrored[half:], mirrored[:half]])
+
+
+def crop_2p5d(volume, series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False):
+    """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
+
+    volume: the series' volume (D, H, W), already normalised; (col, row) in its pixels. Neighbours are
+    clamped at the stack's ends. Each slice is sampled with its own pixel spacing, so the crop covers the
+    same millimetres whatever the resolution. reverse flips the slice order (a right foramen seen from the
+    side mirrors a left one in the through-plane direction).
+    """
+    depth, height, width = volume.shape
+    centre = int(np.clip(round(float(slice_index)), 0, depth - 1))
+    half = n_slices // 2
+    stack = np.flatnonzero(series.stack_ids == series.stack_ids[centre])
+    picks = np.clip(np.arange(centre - half, centre + half + 1), stack.min(), stack.max())
+    if reverse:
+        picks = picks[::-1].copy()
+    spacing = series.pixel_spacing[picks]  # (S, 2) [row, col] mm
+    steps = (np.arange(out_px) + 0.5) / out_px - 0.5  # (out_px,) fractions of the crop, pixel centres
+    cols = col + steps[None, :] * size_mm / spacing[:, 1:2]  # (S, out_px) volume columns
+    rows = row + steps[None, :] * size_mm / spacing[:, 0:1]
+    grid_x = torch.as_tensor((2 * cols + 1) / width - 1, dtype=torch.float32)[:, None, :].expand(-1, out_px, -1)
+    grid_y = torch.as_tensor((2 * rows + 1) / height - 1, dtype=torch.float32)[:, :, None].expand(-1, -1, out_px)
+    grid = torch.stack([grid_x, grid_y], dim=-1)  # (S, out_px, out_px, 2)
+    images = torch.as_tensor(volume[picks], dtype=torch.float32)[:, None]
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]

@@ -1,0 +1,85 @@
+"""The two networks, both on torchvision ResNet-18 pieces (randomly initialised unless --pretrained is given).
+
+    net = LandmarkNet(n_points=5)           # (B, D, 2, H, W) slices + offset channel -> (B, K, D, H/2, W/2) logits
+    net = SeverityNet(n_heads=3)            # (B, S, 1, C, C) crops -> (B, 3) logits for the chosen head
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+def resnet18_trunk(in_channels, pretrained_path=None):
+    """ResNet-18 with its first conv taking in_channels; weights from a local state-dict file if given."""
+    net = torchvision.models.resnet18(weights=None)
+    if pretrained_path:
+        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if len(missing) > 2 or unexpected:  # only the classifier (fc.weight, fc.bias) may be absent
+            raise ValueError(f"{pretrained_path}: not a ResNet-18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    first = net.conv1.weight.data.mean(dim=1, keepdim=True)  # (64, 1, 7, 7): grey input from RGB filters
+    net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    net.conv1.weight.data.copy_(first.repeat(1, in_channels, 1, 1) / in_channels)
+    return net
+
+
+class LandmarkNet(nn.Module):
+    """Per-slice encoder-decoder producing one heatmap per point; slices of a series are mixed in depth.
+
+    Input (B, D, 2, H, W): channel 0 the slice, channel 1 the slice's offset across the stack (mm / 50),
+    constant over the slice, so left and right parasagittal slices are told apart. Output logits
+    (B, K, D, H/2, W/2); the caller takes a softmax over (D, H/2, W/2) per point (3D soft-argmax).
+    """
+
+    def __init__(self, n_points, pretrained_path=None, width=32):
+        super().__init__()
+        trunk = resnet18_trunk(2, pretrained_path)
+        self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)  # stride 2, 64 ch
+        self.layer1 = nn.Sequential(trunk.maxpool, trunk.layer1)  # stride 4, 64 ch
+        self.layer2 = trunk.layer2  # stride 8, 128 ch
+        self.depth_mix = nn.Conv3d(128, 128, kernel_size=(3, 1, 1), padding=(1, 0, 0))  # neighbouring slices
+        self.up2 = nn.Conv2d(128 + 64, width * 2, 3, padding=1)
+        self.up1 = nn.Conv2d(width * 2 + 64, width, 3, padding=1)
+        self.head = nn.Conv2d(width, n_points, 1)
+
+    def forward(self, slices):
+        batch, depth = slices.shape[:2]
+        x = slices.flatten(0, 1)  # (B*D, 2, H, W)
+        s2 = self.stem(x)
+        s4 = self.layer1(s2)
+        s8 = self.layer2(s4)
+        mixed = s8.unflatten(0, (batch, depth)).transpose(1, 2)  # (B, 128, D, h, w)
+        s8 = s8 + F.relu(self.depth_mix(mixed)).transpose(1, 2).flatten(0, 1)
+        y = F.interpolate(s8, size=s4.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.relu(self.up2(torch.cat([y, s4], dim=1)))
+        y = F.interpolate(y, size=s2.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.relu(self.up1(torch.cat([y, s2], dim=1)))
+        heat = self.head(y)  # (B*D, K, H/2, W/2)
+        return heat.unflatten(0, (batch, depth)).transpose(1, 2)  # (B, K, D, H/2, W/2)
+
+
+class SeverityNet(nn.Module):
+    """2.5D grading: a per-slice CNN, attention pooling over the slices, one 3-logit head per condition group.
+
+    Input crops (B, S, C, C) and the condition group of each crop (B,) (0 canal, 1 foraminal,
+    2 subarticular); right-side crops arrive mirrored onto the left, so both sides share the head.
+    """
+
+    def __init__(self, n_slices, n_groups=3, pretrained_path=None, width=256):
+        super().__init__()
+        trunk = resnet18_trunk(1, pretrained_path)
+        self.encoder = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2,
+                                     trunk.layer3, nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (N, 256)
+        self.slice_embedding = nn.Parameter(torch.zeros(n_slices, width))  # where in the 2.5D stack a slice is
+        self.group_embedding = nn.Embedding(n_groups, width)
+        self.attention = nn.Linear(width, 1)
+        self.heads = nn.Linear(width, 3 * n_groups)
+
+    def forward(self, crops, groups):
+        batch, n_slices = crops.shape[:2]
+        features = self.encoder(crops.flatten(0, 1)[:, None]).view(batch, n_slices, -1)  # (B, S, 256)
+        features = features + self.slice_embedding + self.group_embedding(groups)[:, None]
+        weights = self.attention(torch.tanh(features)).softmax(dim=1)  # (B, S, 1)
+        pooled = (weights * features).sum(dim=1)  # (B, 256)
+        logits = self.heads(pooled).view(batch, -1, 3)  # (B, groups, 3)
+        return logits[torch.arange(batch, device=crops.device), groups]  # (B, 3)

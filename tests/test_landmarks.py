@@ -1,0 +1,52 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data
+import train_landmarks as tl
+
+
+def test_peaked_heatmap_decodes_to_known_point_in_original_pixels():
+    # a series of 7 frames of 300 x 240 (rows x cols) original pixels; input 112, heatmap 56
+    original_hw, input_size, heat_hw = (300, 240), 112, (56, 56)
+    truth = np.array([4.0, 171.3, 88.6])  # [slice, col, row] in original pixels
+    in_input = np.r_[truth[0], data.to_resized(truth[1:], original_hw, (input_size, input_size))]
+    in_heat = tl.to_heat_coords(torch.tensor(in_input, dtype=torch.float32)[None, None], input_size, heat_hw)
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    target = tl.heatmap_targets(in_heat, mask, (7,) + heat_hw, sigma=1.0)  # a peaked distribution
+    logits = target.clamp(min=1e-30).log()
+    decoded, confidence = tl.decode_heatmaps(logits, mask)
+    back = tl.heat_to_volume(decoded[0, 0].numpy(), heat_hw, original_hw)
+    assert back[0] == 4
+    np.testing.assert_allclose(back[1:], truth[1:], atol=0.05 * 300 / 56)  # well inside one heatmap cell
+    assert confidence[0, 0] > 0.5
+
+
+def test_flip_swaps_left_and_right_labels():
+    image = np.zeros((1, 10, 20), np.float32)
+    image[0, 3, 2] = 1.0  # something at the left point's place
+    points = np.array([[0, 2.0, 3.0], [0, 15.0, 6.0]])  # [slice, col, row]: left first, then right
+    points = points[:, [1, 2, 0]]  # flip_left_right takes pixel x in [..., 0]
+    flipped, swapped = data.flip_left_right(image, points)
+    # the old left point, mirrored, is now the right point (index 1) and sits on the mirrored pixel
+    np.testing.assert_allclose(swapped[1], [17.0, 3.0, 0])
+    np.testing.assert_allclose(swapped[0], [4.0, 6.0, 0])
+    assert flipped[0, 3, 17] == 1.0
+
+
+def test_random_affine_moves_points_with_the_image():
+    np.random.seed(1)
+    volume = torch.zeros(2, 64, 64)
+    volume[:, 20:23, 40:43] = 1.0  # a blob centred on col 41, row 21
+    warped, moved = tl.random_affine(volume, np.array([[41.0, 21.0]]))
+    rows, cols = np.nonzero(warped[0].numpy() > 0.3)
+    weights = warped[0].numpy()[rows, cols]
+    centre = [np.average(cols, weights=weights), np.average(rows, weights=weights)]
+    np.testing.assert_allclose(centre, moved[0], atol=0.6)
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    lrs = [tl.get_lr(s, 100, 10, 1e-3) for s in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == pytest.approx(0.0)
