@@ -38,8 +38,8 @@ DISC_HEIGHT = {"S1/S2": 2.0, "L5/S1": 10.0, "L4/L5": 11.0, "L3/L4": 10.0, "L2/L3
                "T12/L1": 7.0, "T11/T12": 6.0}  # mm; vertebral bodies are about 25 mm
 FORAMEN_RISE = 2.0  # mm, foramen centre above its disc centre
 TISSUES = ["fat", "viscera", "muscle", "marrow", "cortex", "nucleus", "annulus", "ligament", "csf", "cord", "bone", "nerve"]
-CONTRAST = {"T1": [0.95, 0.30, 0.32, 0.62, 0.06, 0.38, 0.28, 0.10, 0.12, 0.35, 0.50, 0.30],
-            "T2": [0.80, 0.22, 0.18, 0.45, 0.05, 0.85, 0.15, 0.08, 1.00, 0.30, 0.35, 0.22],
+CONTRAST = {"T1": [0.95, 0.30, 0.22, 0.70, 0.06, 0.38, 0.28, 0.10, 0.12, 0.35, 0.45, 0.25],
+            "T2": [0.80, 0.22, 0.18, 0.45, 0.05, 0.85, 0.25, 0.08, 1.00, 0.30, 0.35, 0.22],
             "STIR": [0.10, 0.30, 0.15, 0.12, 0.04, 0.90, 0.15, 0.06, 1.00, 0.30, 0.12, 0.25]}
 QUIRKS = ["missing_series", "duplicate_series", "instances_reversed", "instances_offset", "instances_interleaved",
           "mixed_frame_sizes", "monochrome1", "rescale", "rle_lossless", "no_spacing_tags"]
@@ -74,7 +74,7 @@ def make_column(rng, scale, openness):
     height = np.array([DISC_HEIGHT.get(name, 25.0) for name in SEGMENTS]) * scale * rng.uniform(0.88, 1.12, len(SEGMENTS))
     l3 = SEGMENTS.index("L3")
     top = np.cumsum(height) - (height[:l3].sum() + height[l3] / 2) + rng.uniform(-20, 20)
-    half_width, half_depth = scale * rng.uniform(21, 24, len(SEGMENTS)), scale * rng.uniform(14, 16.5, len(SEGMENTS))
+    half_width, half_depth = scale * rng.uniform(22, 25, len(SEGMENTS)), scale * rng.uniform(14, 16.5, len(SEGMENTS))
     water = np.zeros(len(SEGMENTS))  # nucleus brightness factor; degenerate discs dry out
     for k in np.flatnonzero(is_disc):  # discs bulge 1.5 mm past their bodies
         half_width[k], half_depth[k] = max(half_width[k - 1:k + 2:2]) + 1.5, max(half_depth[k - 1:k + 2:2]) + 1.5
@@ -94,19 +94,19 @@ def make_anatomy(rng, severity):
     scale = rng.uniform(0.9, 1.1)
     anatomy = make_column(rng, scale, np.clip(openness, 0.02, 1.2))
     depth = anatomy["half_depth"].mean()
-    canal_ap, canal_lr, fat = scale * rng.uniform(6.5, 8.5), scale * rng.uniform(10, 12.5), rng.uniform(10, 30)
+    canal_ap, canal_lr, fat = scale * rng.uniform(5.5, 7.5), scale * rng.uniform(10, 12.5), rng.uniform(10, 30)
     canal_p = depth + rng.uniform(2, 4) + canal_ap  # canal centre, mm posterior of the body centreline
-    directions = rng.normal(size=(8, 3))
+    directions = rng.normal(size=(16, 3))  # plane waves of a smooth random texture
     anatomy.update(
-        openness=np.clip(openness, 0.02, 1.2), rotation=rotation(rng.uniform(-4, 4, 3)),
+        openness=np.clip(openness, 0.02, 1.2), rotation=rotation(rng.uniform([-5, -1.5, -1.5], [5, 1.5, 1.5])),  # degrees; little coronal tilt
         translation=rng.uniform([-15, -30, -40], [15, 30, 40]), curve_radius=rng.uniform(180, 320),
         canal_p=canal_p, canal_ap=canal_ap, canal_lr=canal_lr,
-        foramen_x=anatomy["half_width"].mean() * rng.uniform(0.85, 1.0), foramen_p=depth + rng.uniform(1, 4),
+        foramen_x=anatomy["half_width"].mean() * rng.uniform(0.75, 0.88), foramen_p=depth + rng.uniform(1, 4),
         recess_x=canal_lr * rng.uniform(0.75, 0.9), recess_p=canal_p - 0.55 * canal_ap,
         skin_front=-rng.uniform(110, 170), skin_back=canal_p + rng.uniform(45, 60) + fat, fat=fat,
-        skin_half_width=rng.uniform(140, 180), coil_depth=rng.uniform(80, 150),
-        waves=(directions / np.linalg.norm(directions, axis=1, keepdims=True) * 2 * np.pi / rng.uniform(5, 20, (8, 1))).T.copy(),
-        phases=rng.uniform(0, 2 * np.pi, 8), brightness=rng.uniform(1500, 3000), noise=rng.uniform(0.015, 0.04),
+        skin_half_width=rng.uniform(140, 180), coil_depth=rng.uniform(110, 160),
+        waves=(directions / np.linalg.norm(directions, axis=1, keepdims=True) * 2 * np.pi / rng.uniform(4, 25, (16, 1))).T.copy(),
+        phases=rng.uniform(0, 2 * np.pi, 16), brightness=rng.uniform(1500, 3000), noise=rng.uniform(0.015, 0.04),
         contrast={w: dict(zip(TISSUES, (np.array(v) * rng.uniform(0.85, 1.15, len(TISSUES))).tolist())) for w, v in CONTRAST.items()})
     # rendering runs in float32 (numpy's cos is ~6x faster): numpy scalars would silently promote to float64
     for key, value in anatomy.items():
@@ -143,6 +143,7 @@ def inside(distance, edge):
 
 def ellipse_distance(offsets, radii):
     """Approximate signed distance (mm) to an axis-aligned ellipse or ellipsoid with the given radii."""
+    radii = [np.float32(radius) if np.isscalar(radius) else radius for radius in radii]  # keep float32
     ratio = np.sqrt(sum((offset / radius) ** 2 for offset, radius in zip(offsets, radii)))
     smallest = radii[0]
     for radius in radii[1:]:
@@ -154,19 +155,22 @@ def paint(image, weight, value):
     image += weight * (value - image)
 
 
-def soft_tissues(x, p, s, texture, anatomy, tissue):
-    """Skin outline, subcutaneous fat, viscera, back muscles and psoas: everything around the spine."""
+def soft_tissues(x, y, s, texture, anatomy, tissue):
+    """Skin, fat, viscera, back muscles and psoas; y (mm, posterior) follows only part of the lordosis."""
     front, back, fat = anatomy["skin_front"], anatomy["skin_back"], anatomy["fat"]
     centre, half_depth, half_width = (front + back) / 2, (back - front) / 2, anatomy["skin_half_width"]
-    image = tissue["fat"] * inside(ellipse_distance((x, p - centre), (half_width, half_depth)), 1.5)
-    body = inside(ellipse_distance((x, p - centre), (half_width - fat, half_depth - fat)), 1.5)
-    paint(image, body, tissue["viscera"] * (1 + 1.2 * texture))
-    muscle_front, muscle_back = anatomy["canal_p"] - 20, back - fat
-    back_muscle = inside(ellipse_distance((x, p - (muscle_front + muscle_back) / 2), (70, (muscle_back - muscle_front) / 2)), 2)
+    image = tissue["fat"] * inside(ellipse_distance((x, y - centre), (half_width, half_depth)), 1.5)
+    body = inside(ellipse_distance((x, y - centre), (half_width - fat, half_depth - fat)), 1.5)
+    paint(image, body * inside(y + 25, 15), tissue["viscera"] * (1 + 0.5 * texture))  # abdomen in front of the spine
+    muscle_front, muscle_back = anatomy["canal_p"] - 12, back - fat
+    lobe_x = 0.2 * half_width  # erector spinae and multifidus either side of the spinous process
+    lobes = ellipse_distance((np.abs(x) - lobe_x, y - (muscle_front + muscle_back) / 2), (lobe_x + 8, (muscle_back - muscle_front) / 2))
     psoas_radius = np.clip(4 + 0.09 * (anatomy["disc_s"][0] + 10 - s), 3, 18)  # psoas thickens going down
     psoas_x = np.abs(x) - anatomy["half_width"].mean() - 0.8 * psoas_radius
-    psoas = inside(ellipse_distance((psoas_x, p - 2), (1.2 * psoas_radius, psoas_radius)), 1.5)
-    paint(image, body * np.maximum(back_muscle, psoas), tissue["muscle"] * (1 + 0.3 * texture))
+    muscle = np.minimum(lobes, ellipse_distance((psoas_x, y - 2), (1.2 * psoas_radius, psoas_radius)))
+    paint(image, body * inside(muscle - 2.5, 1.5), tissue["fat"])  # fat planes around the muscles
+    streaks = np.clip(texture - 1.2, 0, 1) * 0.6  # fat streaks inside muscle
+    paint(image, body * inside(muscle, 1.5), tissue["muscle"] * (1 + 0.15 * texture) + streaks * (tissue["fat"] - tissue["muscle"]))
     return image
 
 
@@ -176,12 +180,12 @@ def column(x, p, s, texture, image, anatomy, tissue):
     k = np.minimum(np.searchsorted(top, s), len(top) - 1)  # segment holding each point
     height, a, b = anatomy["segment_height"][k], anatomy["half_width"][k], anatomy["half_depth"][k]
     along = s - (top[k] - height / 2)  # mm from the segment centre, up
-    cross = (((np.abs(x) / a) ** 2.5 + (np.abs(p) / b) ** 2.5) ** 0.4 - 1) * b  # rounded-box outline
+    cross = (((np.abs(x) / a) ** 3 + (np.abs(p) / b) ** 3) ** (1 / 3) - 1) * b  # rounded-box outline
     surface = np.maximum(cross, np.abs(along) - height / 2)  # signed distance to the segment
     nucleus = inside(ellipse_distance((x, p, along), (0.6 * a, 0.55 * b, 0.3 * height)), 2.0)
     disc = tissue["annulus"] + nucleus * (tissue["nucleus"] * anatomy["water"][k] - tissue["annulus"])
-    marrow = tissue["marrow"] * (1 + 0.5 * texture)
-    body = marrow + inside(-surface - 1.5, 1.0) * (tissue["cortex"] - marrow)
+    marrow = tissue["marrow"] * (1 + 0.12 * texture)
+    body = marrow + inside(-surface - 1.0, 1.0) * (tissue["cortex"] - marrow)
     paint(image, inside(surface, 1.0), np.where(anatomy["is_disc"][k], disc, body))
 
 
@@ -189,12 +193,12 @@ def arch(x, p, ds, texture, image, anatomy, tissue):
     """Pedicles and facets (a bony bar either side), laminae around the canal, spinous processes."""
     cp, ap, lr = anatomy["canal_p"], anatomy["canal_ap"], anatomy["canal_lr"]
     front, back = 0.5 * anatomy["half_depth"].mean(), cp + ap + 4
-    bar = np.maximum(np.abs(np.abs(x) - anatomy["foramen_x"]) - 7, np.abs(p - (front + back) / 2) - (back - front) / 2)
+    bar = ellipse_distance((np.abs(x) - anatomy["foramen_x"], p - (front + back) / 2), (8, (back - front) / 2))
     ring = ellipse_distance((x, p - cp), (lr + 6, ap + 6))
     spinous = np.maximum(np.abs(x) - 3.5, np.abs(p - (cp + ap + 22)) - 18)
     gap = inside(np.abs(ds + 2) - 5, 2)  # interlaminar and interspinous space at each disc
     bone = np.maximum(inside(bar, 1.5), np.maximum(inside(ring, 1.5), inside(spinous, 1.5)) * (1 - gap))
-    paint(image, bone, tissue["bone"] * (1 + 0.4 * texture))
+    paint(image, bone, tissue["bone"] * (1 + 0.12 * texture))
 
 
 def canal(x, p, s, j, ds, image, anatomy, tissue):
@@ -217,20 +221,26 @@ def foramina(x, p, j, ds, image, anatomy, tissue):
     """Fat oval with a dark nerve root either side at each disc; narrowing shrinks the fat, dark tissue fills in."""
     keep = np.sqrt(anatomy["openness"][np.where(x > 0, 1, 2), j])  # radius factor from the area fraction
     u, w, h = np.abs(x) - anatomy["foramen_x"], p - anatomy["foramen_p"], ds - FORAMEN_RISE
-    paint(image, inside(ellipse_distance((u, w, h), (6.0, 4.0, 5.5)), 1), tissue["ligament"])
-    paint(image, inside(ellipse_distance((u, w, h), (6.0, 4.0 * keep, 5.5 * keep)), 1), tissue["fat"])
-    paint(image, inside(np.hypot(w + 0.5, h - 2.5) - 1.6, 1) * inside(np.abs(u) - 6, 1), tissue["nerve"])
+    paint(image, inside(ellipse_distance((u, w, h), (8.0, 4.5, 7.0)), 1), tissue["ligament"])
+    paint(image, inside(ellipse_distance((u, w, h), (8.0, 4.5 * keep, 7.0 * keep)), 1), tissue["fat"])
+    paint(image, inside(np.hypot(w + 0.5, h - 2.5) - 1.7, 1) * inside(np.abs(u) - 8, 1), tissue["nerve"])
+
+
+def times_matrix(points, matrix):
+    """points (N, 3) @ matrix (3, M) without BLAS, whose threads slow the worker processes down twofold."""
+    matrix = matrix.astype(np.float32)
+    return points[:, :1] * matrix[0] + points[:, 1:2] * matrix[1] + points[:, 2:] * matrix[2]
 
 
 def phantom(points, anatomy, weighting):
     """Intensity (N,) of the phantom at patient points (N, 3) mm; about 0..1.3 before scaling."""
-    local = ((points - anatomy["translation"]) @ anatomy["rotation"]).astype(np.float32)  # rotation^T (point - translation)
+    local = times_matrix((points - anatomy["translation"]).astype(np.float32), anatomy["rotation"])  # rotation^T (point - translation)
     radius = anatomy["curve_radius"]
     x, p = local[:, 0], radius - np.hypot(radius - local[:, 1], local[:, 2])
     s = radius * np.arctan2(local[:, 2], radius - local[:, 1])
     tissue = anatomy["contrast"][weighting]
-    texture = np.cos(local @ anatomy["waves"] + anatomy["phases"]).mean(axis=1)  # smooth, about +-0.35
-    image = soft_tissues(x, p, s, texture, anatomy, tissue)
+    texture = np.cos(times_matrix(local, anatomy["waves"]) + anatomy["phases"]).sum(axis=1) / np.sqrt(8)  # smooth, sd 1 (16 waves of variance 1/2)
+    image = soft_tissues(x, local[:, 1] - 0.3 * local[:, 2] ** 2 / radius, s, texture, anatomy, tissue)
     box = (np.abs(x) < 50) & (p > -35) & (p < anatomy["canal_p"] + 50)  # only here is there spine to draw
     bx, bp, bs, btexture, spine = x[box], p[box], s[box], texture[box], image[box]
     mid = (anatomy["disc_s"][1:] + anatomy["disc_s"][:-1]) / 2
@@ -241,7 +251,8 @@ def phantom(points, anatomy, weighting):
     canal(bx, bp, bs, j, ds, spine, anatomy, tissue)
     foramina(bx, bp, j, ds, spine, anatomy, tissue)
     image[box] = spine
-    coil = 0.3 + 0.7 * np.exp(-np.clip(anatomy["skin_back"] - p, 0, None) / anatomy["coil_depth"])  # posterior coil
+    depth = np.clip(anatomy["skin_back"] - p, 0, None) / anatomy["coil_depth"]  # posterior coil: anterior is dark
+    coil = 0.2 + 0.8 * np.exp(-depth ** 2)
     return image * coil
 
 
@@ -251,7 +262,7 @@ def render_slice(rng, slice_, anatomy, weighting):
     r, c = np.mgrid[0:rows, 0:cols].reshape(2, -1, 1) * spacing
     signal = phantom(slice_["ipp"] + c * slice_["u"] + r * slice_["v"], anatomy, weighting) * anatomy["brightness"]
     sigma = anatomy["noise"] * anatomy["brightness"]
-    noisy = np.hypot(signal + rng.normal(0, sigma, signal.shape), rng.normal(0, sigma, signal.shape))
+    noisy = np.hypot(signal + sigma * rng.standard_normal(signal.shape, np.float32), sigma * rng.standard_normal(signal.shape, np.float32))
     return np.clip(np.rint(noisy), 0, MAX_STORED).astype(np.uint16).reshape(rows, cols)
 
 
@@ -268,7 +279,7 @@ def make_stack(centre, u, v, count, spacing, fov, frame):
 
 def sagittal_slices(rng, points, size):
     """Columns go posterior, rows inferior; 15-25 slices across x, the midline up to 3 slices off-centre."""
-    tilt = rotation(rng.uniform(-2, 2, 3))
+    tilt = rotation(rng.uniform(-1, 1, 3))
     u, v = np.round(tilt @ [0, 1, 0], 6), np.round(tilt @ [0, 0, -1], 6)
     spacing = rng.uniform(3.3, 4.5)
     centre = points.mean(axis=0) + rng.uniform(-3, 3) * spacing * np.cross(u, v) + rng.uniform(-20, 0) * u + rng.uniform(-10, 10) * v

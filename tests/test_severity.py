@@ -1,0 +1,74 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import data
+import infer
+import losses
+
+
+def _series(depth=5, height=60, width=80, spacing=(0.8, 0.5), orientation=(1, 0, 0, 0, 1, 0)):
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array([[-20.0, -15.0, 0.0] + k * 4.0 * normal for k in range(depth)])
+    return data.Series(volume=np.zeros((depth, height, width), np.float32), instance_numbers=np.arange(1, depth + 1),
+                       positions=positions, orientations=np.tile(orientation, (depth, 1)).astype(float),
+                       pixel_spacing=np.tile(spacing, (depth, 1)).astype(float), original_sizes=np.tile([height, width], (depth, 1)),
+                       stack_ids=np.zeros(depth, np.int64))
+
+
+def test_point_at_known_mm_lands_at_crop_centre():
+    series = _series()
+    target_mm = np.array([-20.0 + 31.0 * 0.5, -15.0 + 22.0 * 0.8, 8.0])  # pixel (col 31, row 22) of slice 2
+    d, col, row, distance = data.series_patient_to_pixel(series, target_mm)
+    assert (d, round(col, 6), round(row, 6), round(distance, 6)) == (2, 31.0, 22.0, 0.0)
+    series.volume[2, 22, 31] = 1.0
+    crops = data.crop_2p5d(series.volume, series, d, col, row, size_mm=9.0, out_px=9, n_slices=3)
+    assert crops.shape == (3, 9, 9)
+    # 9 mm over 9 px = 1 mm crop pixels: the bright voxel (0.5 x 0.8 mm) is centred at crop pixel (4, 4)
+    peak = np.unravel_index(crops[1].argmax().item(), (9, 9))
+    assert peak == (4, 4) and crops[0].max() == 0 and crops[2].max() == 0
+
+
+def test_crop_covers_the_same_millimetres_at_any_resolution():
+    coarse, fine = _series(spacing=(1.0, 1.0), height=40, width=40), _series(spacing=(0.5, 0.5), height=80, width=80)
+    for series, scale in ((coarse, 1), (fine, 2)):
+        rows = np.arange(series.volume.shape[1])[:, None] / scale  # mm down the image
+        series.volume[:] = np.broadcast_to(rows, series.volume.shape[1:])
+    a = data.crop_2p5d(coarse.volume, coarse, 2, 19.5, 19.5, 20.0, 10, 1)
+    b = data.crop_2p5d(fine.volume, fine, 2, 39.5, 39.5, 20.0, 10, 1)
+    np.testing.assert_allclose(a, b, atol=0.3)
+
+
+def test_mirroring_puts_right_side_crops_onto_the_left():
+    axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0))
+    axial.volume[1, 30, 21] = 1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
+    sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0), orientation=(0, 1, 0, 0, 0, -1))
+    sagittal.volume[4, 30, 30] = 1.0  # one slice beyond the right foramen's slice (3)
+    study = {"Axial T2": (1, axial, axial.volume), "Sagittal T1": (2, sagittal, sagittal.volume)}
+    landmarks = {("right_subarticular_stenosis", "l4_l5"): ("Axial T2", 1, 22.0, 31.0),
+                 ("left_subarticular_stenosis", "l4_l5"): ("Axial T2", 1, 22.0, 31.0),
+                 ("right_neural_foraminal_narrowing", "l1_l2"): ("Sagittal T1", 3, 30.0, 30.0),
+                 ("left_neural_foraminal_narrowing", "l1_l2"): ("Sagittal T1", 3, 30.0, 30.0)}
+    crops, groups, available = infer.study_crops(study, landmarks, n_slices=3, out_px=20)
+    column = data.LABEL_COLUMNS.index
+    left, right = crops[column("left_subarticular_stenosis_l4_l5")], crops[column("right_subarticular_stenosis_l4_l5")]
+    assert left[1].max() > 0 and left[1, :, :10].max() > left[1, :, 10:].max()  # the mark, seen on the image's left
+    torch.testing.assert_close(right, left.flip(-1))  # the same image, mirrored across the midline
+    left_f, right_f = crops[column("left_neural_foraminal_narrowing_l1_l2")], crops[column("right_neural_foraminal_narrowing_l1_l2")]
+    assert left_f[2].max() > 0 and right_f[0].max() > 0  # the next slice's mark comes first once mirrored
+    torch.testing.assert_close(right_f, left_f.flip(0))  # slice order reversed
+    assert available.sum() == 4 and groups[column("right_subarticular_stenosis_l4_l5")] == 2
+
+
+def test_fallback_rows_equal_weighted_prior_and_submission_is_complete():
+    labels = np.array([[0] * 25, [1] * 25, [2] * 25, [0] * 25])
+    prior = losses.weighted_prior(labels)
+    np.testing.assert_allclose(prior[0], np.array([2, 2, 4]) / 8)  # counts (2, 1, 1) x weights (1, 2, 4)
+    probabilities = infer.finalise(np.broadcast_to(prior, (3, 25, 3)))
+    submission = losses.probabilities_to_submission([7, 8, 9], probabilities)
+    assert len(submission) == 75 and submission["row_id"].iloc[0] == "7_spinal_canal_stenosis_l1_l2"
+    np.testing.assert_allclose(submission[data.SUBMISSION_COLUMNS].sum(axis=1), 1.0)
+    np.testing.assert_allclose(submission[data.SUBMISSION_COLUMNS].to_numpy()[:25], prior, atol=1e-12)
+    extreme = infer.finalise(np.array([[[1.0, 0.0, 0.0], [np.nan, np.nan, np.nan]]]))
+    assert (extreme > 0).all() and (extreme < 1).all() and np.isfinite(extreme).all()
