@@ -213,6 +213,38 @@ def report_scores(solution, submission, prior, study_ids, tag=""):
     return score, base_score
 
 
+def landmark_errors(predicted, truth, data_dir, split, cache_dir):
+    """Per series type: median and 90th-percentile in-plane error (mm) and slice accuracy of predicted landmarks.
+
+    predicted, truth: frames in the train_label_coordinates.csv schema (snake_case condition/level). A true
+    point with no prediction on its series counts as a miss (infinite error).
+    """
+    truth = data.read_coordinates(truth) if isinstance(truth, str) else truth
+    guesses = {(r.study_id, r.condition, r.level): r for r in predicted.itertuples(index=False)}
+    errors = {s: ([], []) for s in data.SERIES_TYPES}
+    for row in truth.itertuples(index=False):
+        series_type = data.SERIES_OF_CONDITION[row.condition]
+        guess = guesses.get((row.study_id, row.condition, row.level))
+        mm, slices = errors[series_type]
+        if guess is None or guess.series_id != row.series_id:
+            mm.append(np.inf), slices.append(np.inf)
+            continue
+        series = data.load_series(os.path.join(data_dir, f"{split}_images", str(row.study_id), str(row.series_id)), cache_dir)
+        true_d, *true_px = data.label_to_volume(series, row.instance_number, row.x, row.y)
+        guess_d, *guess_px = data.label_to_volume(series, guess.instance_number, guess.x, guess.y)
+        offset = data.series_pixel_to_patient(series, guess_d, *guess_px) - data.series_pixel_to_patient(series, true_d, *true_px)
+        normal = data.slice_normals(series.orientations[true_d])
+        mm.append(float(np.linalg.norm(offset - (offset @ normal) * normal)))  # in the true slice's plane
+        slices.append(abs(guess_d - true_d))
+    return {s: tl.summarise_errors(np.asarray(mm), np.asarray(slices)) for s, (mm, slices) in errors.items() if mm}
+
+
+def print_landmark_errors(errors):
+    print("landmarks      median_mm  p90_mm  slice_exact  slice_within1")
+    for series_type, e in errors.items():
+        print(f"{series_type:16s} {e['median_mm']:7.2f} {e['p90_mm']:7.2f} {e['slice_exact']:10.3f} {e['slice_within1']:12.3f}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = tl.resolve_device(args.device)
@@ -232,6 +264,11 @@ def main(argv=None):
     elapsed = time.time() - started
     print(f"wrote {len(submission)} rows for {len(study_ids)} studies to {os.path.join(args.out_dir, 'submission.csv')} "
           f"({elapsed / max(len(study_ids), 1):.2f} s/study); {len(fallbacks)} studies with fallback rows")
+    truth_points = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
+    if os.path.exists(truth_points):
+        predicted = data.read_coordinates(os.path.join(args.out_dir, f"landmarks_{args.split}.csv"))
+        truth = data.read_coordinates(truth_points)
+        print_landmark_errors(landmark_errors(predicted, truth[truth["study_id"].isin(study_ids)], args.data_dir, args.split, args.cache_dir))
     solution = truth_for(args.data_dir, args.split, study_ids)
     if solution is not None:
         return report_scores(solution, submission, prior, solution["study_id"].astype(np.int64).tolist())

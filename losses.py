@@ -8,7 +8,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from data import CONDITIONS, LABEL_COLUMNS, LEVELS, MISSING, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
+import data
+from data import LABEL_COLUMNS, MISSING, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
 
 EPS = np.finfo(np.float64).eps  # the host clips probabilities to [eps, 1 - eps]
 METRIC_GROUPS = {  # the three pooled row groups of the metric
@@ -143,3 +144,40 @@ def any_severe_loss(spinal_logits, spinal_targets):
     target = (worst == 2).to(severe.dtype)
     loss = F.binary_cross_entropy(severe, target, reduction="none")
     return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+# -----------------------------------------------------------------------------
+# landmark heatmaps
+
+
+def heatmap_targets(targets, depth_mask, heat_shape, sigma):
+    """Gaussian target distributions (B, K, D, h, w) summing to 1 per point; targets (B, K, 3) in heatmap pixels."""
+    batch, n_points = targets.shape[:2]
+    depth, height, width = heat_shape
+    d = torch.arange(depth, dtype=torch.float32).view(1, 1, depth, 1, 1)
+    y = torch.arange(height, dtype=torch.float32).view(1, 1, 1, height, 1)
+    x = torch.arange(width, dtype=torch.float32).view(1, 1, 1, 1, width)
+    cd, cx, cy = (targets[..., i].nan_to_num(0).view(batch, n_points, 1, 1, 1) for i in range(3))
+    logits = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2) - (d - cd) ** 2 / (2 * (0.6 * sigma) ** 2)
+    logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), -1e9)
+    return logits.flatten(2).softmax(-1).view(batch, n_points, depth, height, width)
+
+
+def to_heat_coords(targets, input_size, heat_hw):
+    """[slice, col, row] in input pixels -> heatmap pixels (slice unchanged)."""
+    out = targets.clone()
+    out[..., 1:] = torch.as_tensor(data.to_resized(targets[..., 1:].numpy(), (input_size, input_size), heat_hw), dtype=torch.float32)
+    return out
+
+
+def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
+    """KL(target || softmax over (D, h, w)) per labelled point, mean over points; 0 for a perfect fit."""
+    batch, n_points, depth, height, width = logits.shape
+    heat_targets = to_heat_coords(targets, input_size, (height, width))
+    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma).to(logits.device)
+    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
+    log_prob = masked.flatten(2).log_softmax(-1)
+    flat_target = target.flatten(2)
+    kl = (flat_target * (flat_target.clamp(min=1e-12).log() - log_prob)).sum(-1)  # (B, K)
+    labelled = ~torch.isnan(targets[..., 0]).to(logits.device)
+    return (kl * labelled).sum() / labelled.sum().clamp(min=1)

@@ -3,10 +3,13 @@
     net = LandmarkNet(n_points=5)           # (B, D, 2, H, W) slices + offset channel -> (B, K, D, H/2, W/2) logits
     net = SeverityNet(n_heads=3)            # (B, S, 1, C, C) crops -> (B, 3) logits for the chosen head
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+import data
 
 
 def resnet18_trunk(in_channels, pretrained_path=None):
@@ -37,8 +40,10 @@ class LandmarkNet(nn.Module):
         self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)  # stride 2, 64 ch
         self.layer1 = nn.Sequential(trunk.maxpool, trunk.layer1)  # stride 4, 64 ch
         self.layer2 = trunk.layer2  # stride 8, 128 ch
-        self.depth_mix = nn.Conv3d(128, 128, kernel_size=(3, 1, 1), padding=(1, 0, 0))  # neighbouring slices
-        self.up2 = nn.Conv2d(128 + 64, width * 2, 3, padding=1)
+        self.layer3 = trunk.layer3  # stride 16, 256 ch: a field of view wide enough to count the discs
+        self.depth_mix = nn.Conv3d(256, 256, kernel_size=(3, 1, 1), padding=(1, 0, 0))  # neighbouring slices
+        self.up3 = nn.Conv2d(256 + 128, width * 2, 3, padding=1)
+        self.up2 = nn.Conv2d(width * 2 + 64, width * 2, 3, padding=1)
         self.up1 = nn.Conv2d(width * 2 + 64, width, 3, padding=1)
         self.head = nn.Conv2d(width, n_points, 1)
 
@@ -48,9 +53,12 @@ class LandmarkNet(nn.Module):
         s2 = self.stem(x)
         s4 = self.layer1(s2)
         s8 = self.layer2(s4)
-        mixed = s8.unflatten(0, (batch, depth)).transpose(1, 2)  # (B, 128, D, h, w)
-        s8 = s8 + F.relu(self.depth_mix(mixed)).transpose(1, 2).flatten(0, 1)
-        y = F.interpolate(s8, size=s4.shape[-2:], mode="bilinear", align_corners=False)
+        s16 = self.layer3(s8)
+        mixed = s16.unflatten(0, (batch, depth)).transpose(1, 2)  # (B, 256, D, h, w)
+        s16 = s16 + F.relu(self.depth_mix(mixed)).transpose(1, 2).flatten(0, 1)
+        y = F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)
+        y = F.relu(self.up3(torch.cat([y, s8], dim=1)))
+        y = F.interpolate(y, size=s4.shape[-2:], mode="bilinear", align_corners=False)
         y = F.relu(self.up2(torch.cat([y, s4], dim=1)))
         y = F.interpolate(y, size=s2.shape[-2:], mode="bilinear", align_corners=False)
         y = F.relu(self.up1(torch.cat([y, s2], dim=1)))
@@ -83,3 +91,33 @@ class SeverityNet(nn.Module):
         pooled = (weights * features).sum(dim=1)  # (B, 256)
         logits = self.heads(pooled).view(batch, -1, 3)  # (B, groups, 3)
         return logits[torch.arange(batch, device=crops.device), groups]  # (B, 3)
+
+
+def decode_heatmaps(logits, depth_mask, window=2):
+    """(B, K, D, h, w) logits -> (B, K, 3) [slice, col, row] in heatmap pixels and (B, K) confidence.
+
+    The slice is the argmax of the slice marginal; the in-plane position a soft-argmax in a
+    (2*window+1)^2 window around the peak of that slice, so far-away mass cannot bias it.
+    """
+    batch, n_points, depth, height, width = logits.shape
+    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
+    prob = masked.flatten(2).softmax(-1).view_as(masked)
+    slice_index = prob.sum((-1, -2)).argmax(-1)  # (B, K)
+    plane = torch.gather(prob, 2, slice_index.view(batch, n_points, 1, 1, 1).expand(-1, -1, 1, height, width))[:, :, 0]
+    peak = plane.flatten(2).argmax(-1)
+    peak_row, peak_col = peak // width, peak % width
+    rows = torch.arange(height, device=logits.device).view(1, 1, height, 1)
+    cols = torch.arange(width, device=logits.device).view(1, 1, 1, width)
+    near = ((rows - peak_row[..., None, None]).abs() <= window) & ((cols - peak_col[..., None, None]).abs() <= window)
+    local = plane * near
+    mass = local.sum((-1, -2)).clamp(min=1e-12)
+    row = (local * rows).sum((-1, -2)) / mass
+    col = (local * cols).sum((-1, -2)) / mass
+    return torch.stack([slice_index.float(), col, row], dim=-1).cpu(), mass.cpu()
+
+
+def heat_to_volume(points, heat_hw, volume_hw):
+    """[slice, col, row] in heatmap pixels -> in volume pixels, through the one resize pair."""
+    out = np.array(points, dtype=np.float64)
+    out[..., 1:] = data.to_original(out[..., 1:], volume_hw, heat_hw)
+    return out

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import data
-from models import LandmarkNet
+from losses import heatmap_loss
+from models import LandmarkNet, decode_heatmaps, heat_to_volume
 
 SERIES_TAGS = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
 AXIAL_SIDES = 2  # the axial network finds the left and the right recess of one slice
@@ -38,11 +39,11 @@ def parse_args(argv=None):
     parser.add_argument("--n-folds", type=int, default=5, help="folds of the by-study split")
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true", help="train on every study, no validation")
-    parser.add_argument("--image-size", type=int, default=112, help="slices are resized to this square size (px)")
+    parser.add_argument("--image-size", type=int, default=96, help="slices are resized to this square size (px)")
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
     # optimization
-    parser.add_argument("--epochs", type=int, default=10, help="epochs per series type")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per series type")
     parser.add_argument("--batch-size", type=int, default=2, help="series per step (sagittal); slices x8 (axial)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -189,73 +190,6 @@ def random_intensity(volume):
     """Random gamma and contrast, so the network does not learn one scanner's grey levels."""
     gamma = math.exp(np.random.uniform(-0.3, 0.3))
     return volume.clamp(min=0) ** gamma * np.random.uniform(0.85, 1.15)
-
-
-# -----------------------------------------------------------------------------
-# targets, loss and decoding of heatmaps
-
-
-def heatmap_targets(targets, depth_mask, heat_shape, sigma):
-    """Gaussian target distributions (B, K, D, h, w) summing to 1 per point; targets (B, K, 3) in heatmap pixels."""
-    batch, n_points = targets.shape[:2]
-    depth, height, width = heat_shape
-    d = torch.arange(depth, dtype=torch.float32).view(1, 1, depth, 1, 1)
-    y = torch.arange(height, dtype=torch.float32).view(1, 1, 1, height, 1)
-    x = torch.arange(width, dtype=torch.float32).view(1, 1, 1, 1, width)
-    cd, cx, cy = (targets[..., i].nan_to_num(0).view(batch, n_points, 1, 1, 1) for i in range(3))
-    logits = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2) - (d - cd) ** 2 / (2 * (0.6 * sigma) ** 2)
-    logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), -1e9)
-    return logits.flatten(2).softmax(-1).view(batch, n_points, depth, height, width)
-
-
-def to_heat_coords(targets, input_size, heat_hw):
-    """[slice, col, row] in input pixels -> heatmap pixels (slice unchanged)."""
-    out = targets.clone()
-    out[..., 1:] = torch.as_tensor(data.to_resized(targets[..., 1:].numpy(), (input_size, input_size), heat_hw), dtype=torch.float32)
-    return out
-
-
-def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
-    """KL(target || softmax over (D, h, w)) per labelled point, mean over points; 0 for a perfect fit."""
-    batch, n_points, depth, height, width = logits.shape
-    heat_targets = to_heat_coords(targets, input_size, (height, width))
-    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma).to(logits.device)
-    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
-    log_prob = masked.flatten(2).log_softmax(-1)
-    flat_target = target.flatten(2)
-    kl = (flat_target * (flat_target.clamp(min=1e-12).log() - log_prob)).sum(-1)  # (B, K)
-    labelled = ~torch.isnan(targets[..., 0]).to(logits.device)
-    return (kl * labelled).sum() / labelled.sum().clamp(min=1)
-
-
-def decode_heatmaps(logits, depth_mask, window=2):
-    """(B, K, D, h, w) logits -> (B, K, 3) [slice, col, row] in heatmap pixels and (B, K) confidence.
-
-    The slice is the argmax of the slice marginal; the in-plane position a soft-argmax in a
-    (2*window+1)^2 window around the peak of that slice, so far-away mass cannot bias it.
-    """
-    batch, n_points, depth, height, width = logits.shape
-    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
-    prob = masked.flatten(2).softmax(-1).view_as(masked)
-    slice_index = prob.sum((-1, -2)).argmax(-1)  # (B, K)
-    plane = torch.gather(prob, 2, slice_index.view(batch, n_points, 1, 1, 1).expand(-1, -1, 1, height, width))[:, :, 0]
-    peak = plane.flatten(2).argmax(-1)
-    peak_row, peak_col = peak // width, peak % width
-    rows = torch.arange(height, device=logits.device).view(1, 1, height, 1)
-    cols = torch.arange(width, device=logits.device).view(1, 1, 1, width)
-    near = ((rows - peak_row[..., None, None]).abs() <= window) & ((cols - peak_col[..., None, None]).abs() <= window)
-    local = plane * near
-    mass = local.sum((-1, -2)).clamp(min=1e-12)
-    row = (local * rows).sum((-1, -2)) / mass
-    col = (local * cols).sum((-1, -2)) / mass
-    return torch.stack([slice_index.float(), col, row], dim=-1).cpu(), mass.cpu()
-
-
-def heat_to_volume(points, heat_hw, volume_hw):
-    """[slice, col, row] in heatmap pixels -> in volume pixels, through the one resize pair."""
-    out = np.array(points, dtype=np.float64)
-    out[..., 1:] = data.to_original(out[..., 1:], volume_hw, heat_hw)
-    return out
 
 
 # -----------------------------------------------------------------------------

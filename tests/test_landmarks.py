@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import data
+import losses
+import models
 import train_landmarks as tl
 
 
@@ -12,12 +14,12 @@ def test_peaked_heatmap_decodes_to_known_point_in_original_pixels():
     original_hw, input_size, heat_hw = (300, 240), 112, (56, 56)
     truth = np.array([4.0, 171.3, 88.6])  # [slice, col, row] in original pixels
     in_input = np.r_[truth[0], data.to_resized(truth[1:], original_hw, (input_size, input_size))]
-    in_heat = tl.to_heat_coords(torch.tensor(in_input, dtype=torch.float32)[None, None], input_size, heat_hw)
+    in_heat = losses.to_heat_coords(torch.tensor(in_input, dtype=torch.float32)[None, None], input_size, heat_hw)
     mask = torch.ones(1, 7, dtype=torch.bool)
-    target = tl.heatmap_targets(in_heat, mask, (7,) + heat_hw, sigma=1.0)  # a peaked distribution
+    target = losses.heatmap_targets(in_heat, mask, (7,) + heat_hw, sigma=1.0)  # a peaked distribution
     logits = target.clamp(min=1e-30).log()
-    decoded, confidence = tl.decode_heatmaps(logits, mask)
-    back = tl.heat_to_volume(decoded[0, 0].numpy(), heat_hw, original_hw)
+    decoded, confidence = models.decode_heatmaps(logits, mask)
+    back = models.heat_to_volume(decoded[0, 0].numpy(), heat_hw, original_hw)
     assert back[0] == 4
     np.testing.assert_allclose(back[1:], truth[1:], atol=0.05 * 300 / 56)  # well inside one heatmap cell
     assert confidence[0, 0] > 0.5
