@@ -1,5 +1,6 @@
-"""Smoke runs of every script's main([...]) on a few tiny synthetic studies, and an overfit check."""
+"""Smoke runs of every script's main([...]) on a few tiny synthetic studies, and overfit checks."""
 import os
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -19,29 +20,60 @@ def tiny(tmp_path_factory):
     return out
 
 
-def _common(tiny, run):
-    return ["--data-dir", str(tiny), "--out-dir", str(run), "--cache-dir", str(tiny / "cache"), "--num-workers", "0"]
-
-
-def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submission(tiny, tmp_path):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """Both stages trained for one dry-run epoch: a run folder with every checkpoint."""
+    run = tmp_path_factory.mktemp("run")
     train_landmarks.main(_common(tiny, run) + ["--epochs", "1", "--dry-run", "--image-size", "64", "--overlays", "1"])
-    for tag in ("sag_t2", "sag_t1", "axial"):
-        log = pd.read_csv(run / f"landmarks_{tag}.csv")
-        assert len(log) == 1 and np.isfinite(log["train_loss"]).all()
-        assert (run / f"landmarks_{tag}_last.pt").exists()
-    assert any(name.startswith("overlay_") for name in os.listdir(run))
     train_severity.main(_common(tiny, run) + ["--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2"])
-    assert len(pd.read_csv(run / "severity.csv")) == 1 and (run / "severity_last.pt").exists()
-    infer.main(_common(tiny, run)[:-2] + ["--split", "test", "--severity-checkpoints", str(run / "severity_last.pt")])
-    submission = pd.read_csv(run / "submission.csv")
-    study_ids = pd.read_csv(tiny / "test_series_descriptions.csv")["study_id"].unique()
+    return run
+
+
+def _common(folder, run):
+    return ["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"), "--num-workers", "0"]
+
+
+def _infer(folder, run, split="test"):
+    infer.main(["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"), "--split", split,
+                "--severity-checkpoints", str(run / "severity_last.pt")])
+    return pd.read_csv(run / "submission.csv")
+
+
+def _assert_complete(submission, folder, split="test"):
+    study_ids = pd.read_csv(folder / f"{split}_series_descriptions.csv")["study_id"].unique()
     expected = {f"{s}_{c}" for s in study_ids for c in data.LABEL_COLUMNS}
     assert set(submission["row_id"]) == expected and len(submission) == len(expected)
     values = submission[data.SUBMISSION_COLUMNS].to_numpy()
-    assert np.isfinite(values).all() and (values > 0).all() and np.allclose(values.sum(1), 1)
-    landmarks = data.read_coordinates(run / "landmarks_test.csv")
+    assert np.isfinite(values).all() and (values > 0).all() and (values < 1).all() and np.allclose(values.sum(1), 1)
+    return study_ids
+
+
+def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submission(tiny, trained):
+    for tag in ("sag_t2", "sag_t1", "axial"):
+        log = pd.read_csv(trained / f"landmarks_{tag}.csv")
+        assert len(log) == 1 and np.isfinite(log["train_loss"]).all()
+        assert (trained / f"landmarks_{tag}_last.pt").exists()
+    assert any(name.startswith("overlay_") for name in os.listdir(trained))
+    assert len(pd.read_csv(trained / "severity.csv")) == 1 and (trained / "severity_last.pt").exists()
+    study_ids = _assert_complete(_infer(tiny, trained), tiny)
+    landmarks = data.read_coordinates(trained / "landmarks_test.csv")
     assert len(landmarks) == 25 * len(study_ids)
+
+
+def test_missing_series_and_corrupt_file_still_give_every_row_and_a_warning_naming_them(trained, tmp_path):
+    synthetic.make_dataset(str(tmp_path), 0, 3, seed=4, size=64, quirks=True, workers=1)
+    quirks = pd.read_csv(tmp_path / "quirks.csv")
+    missing = quirks[quirks["quirk"] == "missing_series"].iloc[0]
+    corrupt = quirks[quirks["quirk"] == "corrupt_file"].iloc[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        submission = _infer(tmp_path, trained)
+    _assert_complete(submission, tmp_path)
+    messages = [str(w.message) for w in caught]
+    lacking = data.SERIES_OF_CONDITION  # the missing series' rows must be named in a fallback warning
+    rows = [c for c in data.LABEL_COLUMNS if lacking[c[:-6]] == missing["series_description"]]
+    assert any(f"study {missing['study_id']}" in m and all(r in m for r in rows) for m in messages), messages
+    assert any(corrupt["detail"] in m and "unreadable" in m for m in messages), messages
 
 
 def test_landmark_overfit_mode_drives_the_loss_down(tiny, tmp_path):
