@@ -25,7 +25,7 @@ from models import LandmarkNet, SeverityNet
 
 GROUP_OF_CONDITION = {"spinal_canal_stenosis": 0, "left_neural_foraminal_narrowing": 1, "right_neural_foraminal_narrowing": 1,
                       "left_subarticular_stenosis": 2, "right_subarticular_stenosis": 2}
-CROP_MM = (40.0, 32.0, 40.0)  # crop side per condition group (canal, foraminal, subarticular), mm
+CROP_MM = (40.0, 40.0, 40.0)  # crop side per condition group (canal, foraminal, subarticular), mm
 PROBABILITY_FLOOR = 1e-4  # submitted probabilities stay inside [floor, 1 - floor]
 
 

@@ -40,12 +40,14 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true", help="train on every study, no validation")
     parser.add_argument("--image-size", type=int, default=96, help="slices are resized to this square size (px)")
+    parser.add_argument("--train-depth", type=int, default=10, help="sagittal training sees a random window of this many "
+                        "consecutive slices (0: all); points outside it are masked. Inference always sees all slices")
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
     # optimization
-    parser.add_argument("--epochs", type=int, default=8, help="epochs per series type")
+    parser.add_argument("--epochs", type=int, default=16, help="epochs per series type")
     parser.add_argument("--batch-size", type=int, default=2, help="series per step (sagittal); slices x8 (axial)")
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps, then cosine to 0")
     parser.add_argument("--sigma", type=float, default=1.0, help="target Gaussian width in heatmap cells (slices: x0.6)")
@@ -101,8 +103,9 @@ def point_targets(series, series_points, point_names):
 class SagittalDataset(torch.utils.data.Dataset):
     """A whole sagittal series: slices (D, 2, S, S) with the offset channel, targets (K, 3) in input pixels."""
 
-    def __init__(self, items, point_names, image_size, cache_dir, augment):
+    def __init__(self, items, point_names, image_size, cache_dir, augment, train_depth=0):
         self.items, self.point_names, self.size, self.cache_dir, self.augment = items, point_names, image_size, cache_dir, augment
+        self.train_depth = train_depth
 
     def __len__(self):
         return len(self.items)
@@ -117,7 +120,22 @@ class SagittalDataset(torch.utils.data.Dataset):
             volume, targets[:, 1:] = random_affine(volume, targets[:, 1:])
             volume = random_intensity(volume)
         offsets = torch.from_numpy(data.slice_offsets(series) / 50.0)[:, None, None].expand_as(volume)
-        return torch.stack([volume, offsets], dim=1), torch.from_numpy(targets), index
+        inputs = torch.stack([volume, offsets], dim=1)  # (D, 2, S, S)
+        if self.augment and 0 < self.train_depth < len(inputs):  # a window of slices: half the cost per step
+            start = np.random.randint(0, len(inputs) - self.train_depth + 1)
+            inputs = inputs[start:start + self.train_depth]
+            targets[:, 0] -= start
+            targets[(targets[:, 0] < 0) | (targets[:, 0] > self.train_depth - 1)] = np.nan
+        return inputs, torch.from_numpy(targets), index
+
+
+def column_direction(series, slice_index):
+    """+1 where image columns run toward the patient's left (the DICOM display convention), else -1.
+
+    Fed to the axial network as its second channel, so a mirrored image (augmentation, or a series stored
+    the other way round) still says which side is the patient's left.
+    """
+    return 1.0 if series.orientations[slice_index, 0] >= 0 else -1.0
 
 
 class AxialDataset(torch.utils.data.Dataset):
@@ -147,13 +165,14 @@ class AxialDataset(torch.utils.data.Dataset):
         image = data.resize_volume(data.normalise_volume(series.volume[d:d + 1]), self.size)  # (1, S, S)
         targets[:, 0] = np.where(np.isnan(targets[:, 0]), np.nan, 0.0)
         targets[:, 1:] = data.to_resized(targets[:, 1:], series.volume.shape[1:], (self.size, self.size))
+        direction = column_direction(series, d)
         if self.augment:
-            if np.random.rand() < 0.5:
+            if np.random.rand() < 0.5:  # mirrored: the left recess is now the right one, and columns run the other way
                 image, targets = data.flip_left_right(image, targets)
-                image = image.contiguous()
+                image, direction = image.contiguous(), -direction
             image, targets[:, 1:] = random_affine(image, targets[:, 1:])
             image = random_intensity(image)
-        return torch.stack([image, torch.zeros_like(image)], dim=1), torch.from_numpy(targets), index
+        return torch.stack([image, torch.full_like(image, direction)], dim=1), torch.from_numpy(targets), index
 
 
 def collate_padded(batch):
@@ -211,7 +230,7 @@ def predict_sagittal(model, series, image_size, device):
 def predict_axial(model, series, slice_index, image_size, device):
     """Left and right recess on one axial slice -> (2, 2) [col, row] in volume pixels and (2,) confidence."""
     image = data.resize_volume(data.normalise_volume(series.volume[slice_index:slice_index + 1]), image_size)
-    inputs = torch.stack([image, torch.zeros_like(image)], dim=1)[None].to(device)
+    inputs = torch.stack([image, torch.full_like(image, column_direction(series, slice_index))], dim=1)[None].to(device)
     logits = model(inputs).float()
     points, confidence = decode_heatmaps(logits, torch.ones(1, 1, dtype=torch.bool))
     return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:])[:, 1:], confidence[0].numpy()
@@ -400,7 +419,8 @@ def make_loader(tag, items, args, augment, shuffle):
         dataset = AxialDataset(items, args.image_size, args.cache_dir, augment)
         batch_size = args.batch_size * 8
     else:
-        dataset = SagittalDataset(items, data.POINTS_OF_SERIES[data_type(tag)], args.image_size, args.cache_dir, augment)
+        dataset = SagittalDataset(items, data.POINTS_OF_SERIES[data_type(tag)], args.image_size, args.cache_dir, augment,
+                                  args.train_depth)
         batch_size = args.batch_size
     generator = torch.Generator().manual_seed(args.seed)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_padded,

@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--all-studies", action="store_true", help="train on every study, no validation")
     parser.add_argument("--n-slices", type=int, default=5, help="slices per 2.5D crop (odd)")
     parser.add_argument("--crop-px", type=int, default=48, help="crop side in pixels after resampling")
-    parser.add_argument("--jitter-mm", type=float, default=4.0, help="max crop-centre jitter in training, mm per axis")
+    parser.add_argument("--jitter-mm", type=float, default=7.0, help="max crop-centre jitter in training, mm per axis")
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine to 0")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (calibration)")
     parser.add_argument("--any-severe-weight", type=float, default=0.0, help="weight of the any_severe_spinal loss term")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     # system
@@ -246,7 +247,7 @@ def main(argv=None):
             crops, groups, labels = (t.to(device, non_blocking=True) for t in (crops, groups, labels))
             with ctx:
                 logits = model(crops, groups)  # (B*25, 3)
-            loss = losses.weighted_cross_entropy(logits, labels)
+            loss = losses.weighted_cross_entropy(logits, labels, args.label_smoothing)
             if args.any_severe_weight:
                 spinal = logits.view(-1, 25, 3)[:, :5]
                 loss = loss + args.any_severe_weight * losses.any_severe_loss(spinal, labels.view(-1, 25)[:, :5])
