@@ -55,6 +55,8 @@ def _check_submission(submission, needed_row_ids):
         raise ValueError("submission: non-finite probabilities")
     if (values < 0).any():
         raise ValueError("submission: negative probabilities")
+    if (values.sum(axis=1) <= 0).any():
+        raise ValueError("submission: a row of zeros")
 
 
 def _aligned(solution, submission):
@@ -62,6 +64,7 @@ def _aligned(solution, submission):
     truth = _solution_long(solution)
     _check_submission(submission, truth["row_id"])
     predicted = submission.set_index("row_id").loc[truth["row_id"], SUBMISSION_COLUMNS].to_numpy(np.float64)
+    predicted = predicted / predicted.sum(axis=1, keepdims=True)  # rows to sum 1 first, as the host does
     predicted = np.clip(predicted, EPS, 1 - EPS)
     predicted = predicted / predicted.sum(axis=1, keepdims=True)
     return truth, predicted, np.asarray(SEVERITY_WEIGHTS)[truth["target"].to_numpy()]
@@ -87,8 +90,8 @@ def competition_score(solution, submission):
     """The RSNA 2024 metric: mean of three weighted log losses (spinal, foraminal, subarticular) and any_severe_spinal.
 
     solution: DataFrame like train.csv (study_id + 25 columns of severity strings, empty = not scored).
-    submission: DataFrame like sample_submission.csv. Rows are clipped to [eps, 1 - eps] and normalised to sum 1
-    before use, as the host's log loss does; any_severe uses the max over levels of the normalised `severe`.
+    submission: DataFrame like sample_submission.csv. Rows are normalised to sum 1, clipped to [eps, 1 - eps] and
+    normalised again before use, as the host's log loss does; any_severe uses the max over levels of the normalised `severe`.
     Raises ValueError on missing or duplicated rows, non-finite or negative values.
     """
     return float(np.mean(list(condition_group_losses(solution, submission).values())))
