@@ -41,6 +41,8 @@ def parse_args(argv=None):
     parser.add_argument("--landmark-dir", default="", help="folder of landmarks_<type>_best.pt (default: --out-dir)")
     parser.add_argument("--severity-checkpoints", default="", help="comma-separated severity checkpoints to average "
                         "(default: OUT/severity_best.pt)")
+    parser.add_argument("--tta-shift-mm", type=float, default=0.0, help="also grade crops moved this far up, down, "
+                        "forward and back, and average (0: off); softens the cost of a misplaced landmark")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return parser.parse_args(argv)
@@ -161,7 +163,29 @@ def load_severity_models(paths, device):
     return models, checkpoint  # the last checkpoint carries the crop settings and the training prior
 
 
-def predict_split(data_dir, split, study_ids, landmark_models, severity_models, settings, prior, cache_dir, device):
+def shifted(study, landmarks, along_col_mm, along_row_mm):
+    """Landmarks moved in-plane by the given millimetres (each slice's own pixel spacing)."""
+    moved = {}
+    for name, (series_type, slice_index, col, row) in landmarks.items():
+        spacing = study[series_type][1].pixel_spacing[int(slice_index)]
+        moved[name] = (series_type, slice_index, col + along_col_mm / spacing[1], row + along_row_mm / spacing[0])
+    return moved
+
+
+def grade_study(severity_models, study, landmarks, settings, device, shift_mm=0.0):
+    """(25, 3) probabilities (NaN rows without a landmark) and the (25,) availability mask, averaged over shifts."""
+    offsets = [(0.0, 0.0)] + ([(shift_mm, 0.0), (-shift_mm, 0.0), (0.0, shift_mm), (0.0, -shift_mm)] if shift_mm else [])
+    total, available = None, None
+    for along_col, along_row in offsets:
+        crops, groups, available = study_crops(study, shifted(study, landmarks, along_col, along_row), settings["n_slices"], settings["crop_px"])
+        probabilities = np.full((len(crops), 3), np.nan)
+        if available.any():
+            probabilities[available.numpy()] = grade(severity_models, crops[available], groups[available], device)
+        total = probabilities if total is None else total + probabilities
+    return total / len(offsets), available.numpy()
+
+
+def predict_split(data_dir, split, study_ids, landmark_models, severity_models, settings, prior, cache_dir, device, shift_mm=0.0):
     """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback columns})."""
     descriptions = data.series_by_study(data.read_series_descriptions(os.path.join(data_dir, f"{split}_series_descriptions.csv")))
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
@@ -169,9 +193,8 @@ def predict_split(data_dir, split, study_ids, landmark_models, severity_models, 
     for i, study_id in enumerate(study_ids):
         study, problems = load_study(data_dir, split, study_id, descriptions.get(study_id, {}), cache_dir)
         landmarks = predict_landmarks(landmark_models, study, device)
-        crops, groups, available = study_crops(study, landmarks, settings["n_slices"], settings["crop_px"])
-        if available.any():
-            probabilities[i, available.numpy()] = grade(severity_models, crops[available], groups[available], device)
+        graded, available = grade_study(severity_models, study, landmarks, settings, device, shift_mm)
+        probabilities[i, available] = graded[available]
         missing = [c for c, ok in zip(data.LABEL_COLUMNS, available.tolist()) if not ok]
         if missing:
             fallbacks[study_id] = missing
@@ -256,7 +279,7 @@ def main(argv=None):
     severity_models, checkpoint = load_severity_models(paths, device)
     prior = checkpoint["prior"]
     probabilities, landmark_rows, fallbacks = predict_split(args.data_dir, args.split, study_ids, landmark_models, severity_models,
-                                                            checkpoint["settings"], prior, args.cache_dir, device)
+                                                            checkpoint["settings"], prior, args.cache_dir, device, args.tta_shift_mm)
     submission = losses.probabilities_to_submission(study_ids, finalise(probabilities))
     submission.to_csv(os.path.join(args.out_dir, "submission.csv"), index=False)
     pd.DataFrame(landmark_rows, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]).to_csv(
