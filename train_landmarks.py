@@ -45,7 +45,7 @@ def parse_args(argv=None):
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
     # optimization
-    parser.add_argument("--epochs", type=int, default=16, help="epochs per series type")
+    parser.add_argument("--epochs", type=int, default=24, help="epochs per series type")
     parser.add_argument("--batch-size", type=int, default=2, help="series per step (sagittal); slices x8 (axial)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
