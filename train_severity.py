@@ -53,7 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader worker processes")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="autocast on CUDA")
     # debugging
-    parser.add_argument("--overfit-batches", type=int, default=0, help="train on this many batches only, no jitter")
+    parser.add_argument("--overfit-batches", type=int, default=0, help="train on this many batches only, no jitter, "
+                        "no label smoothing: the loss must go to about 0")
     parser.add_argument("--dry-run", action="store_true", help="one short epoch on a few studies")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/severity_last.pt")
     args = parser.parse_args(argv)
@@ -247,7 +248,7 @@ def main(argv=None):
             crops, groups, labels = (t.to(device, non_blocking=True) for t in (crops, groups, labels))
             with ctx:
                 logits = model(crops, groups)  # (B*25, 3)
-            loss = losses.weighted_cross_entropy(logits, labels, args.label_smoothing)
+            loss = losses.weighted_cross_entropy(logits, labels, 0.0 if args.overfit_batches else args.label_smoothing)
             if args.any_severe_weight:
                 spinal = logits.view(-1, 25, 3)[:, :5]
                 loss = loss + args.any_severe_weight * losses.any_severe_loss(spinal, labels.view(-1, 25)[:, :5])

@@ -42,9 +42,9 @@ def test_crop_covers_the_same_millimetres_at_any_resolution():
 
 def test_mirroring_puts_right_side_crops_onto_the_left():
     axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0))
-    axial.volume[1, 30, 21] = 1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
+    axial.volume[1, 29:32, 16:21] = 1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
     sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0), orientation=(0, 1, 0, 0, 0, -1))
-    sagittal.volume[4, 30, 30] = 1.0  # one slice beyond the right foramen's slice (3)
+    sagittal.volume[4, 28:33, 28:33] = 1.0  # one slice beyond the right foramen's slice (3)
     study = {"Axial T2": (1, axial, axial.volume), "Sagittal T1": (2, sagittal, sagittal.volume)}
     landmarks = {("right_subarticular_stenosis", "l4_l5"): ("Axial T2", 1, 22.0, 31.0),
                  ("left_subarticular_stenosis", "l4_l5"): ("Axial T2", 1, 22.0, 31.0),
