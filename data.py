@@ -8,6 +8,7 @@ inference scripts only speak in arrays:
 """
 import hashlib
 import os
+import pickle
 import warnings
 from dataclasses import dataclass
 
@@ -235,8 +236,8 @@ def load_series(series_dir, cache_dir=None):
     names = sorted(n for n in os.listdir(series_dir) if os.path.isfile(os.path.join(series_dir, n)) and not n.startswith("."))
     cache_path = _cache_path(series_dir, names, cache_dir) if cache_dir else None
     if cache_path and os.path.exists(cache_path):
-        with np.load(cache_path) as stored:
-            return Series(**{k: stored[k] for k in stored.files})
+        with open(cache_path, "rb") as handle:  # our own file: a pickle of plain arrays reads ~3x faster than npz
+            return Series(**pickle.load(handle))
     frames, problems = [], []
     for name in names:
         path = os.path.join(series_dir, name)
@@ -255,17 +256,18 @@ def load_series(series_dir, cache_dir=None):
     series = _assemble(frames, series_dir)
     if cache_path:
         os.makedirs(cache_dir, exist_ok=True)
-        temporary = cache_path + ".tmp.npz"
-        np.savez(temporary, **series.__dict__)
+        temporary = cache_path + ".tmp"
+        with open(temporary, "wb") as handle:
+            pickle.dump(series.__dict__, handle, protocol=5)
         os.replace(temporary, cache_path)  # atomic: a killed run never leaves half a cache file
     return series
 
 
 def _cache_path(series_dir, names, cache_dir):
     stats = [(n, os.stat(os.path.join(series_dir, n))) for n in names]
-    signature = "v1|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
+    signature = "v2|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
     key = hashlib.sha1((os.path.abspath(series_dir) + signature).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(series_dir))}_{key}.npz")
+    return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(series_dir))}_{key}.pkl")
 
 
 def _assemble(frames, series_dir):
