@@ -361,11 +361,17 @@ def series_patient_to_pixel(series, point):
 
 
 def label_to_volume(series, instance_number, x, y):
-    """A label (instance number, x, y in that file's original pixels) -> (slice index, col, row) in the volume."""
+    """A label (instance number, x, y in that file's original pixels) -> (slice index, col, row) in the volume.
+
+    Raises KeyError for an instance the series lacks and ValueError for a point outside its frame.
+    """
     matches = np.flatnonzero(series.instance_numbers == int(instance_number))
     if len(matches) == 0:
         raise KeyError(f"instance {instance_number} not in series (has {sorted(series.instance_numbers.tolist())})")
     d = int(matches[0])
+    height, width = series.original_sizes[d]
+    if not (-0.5 <= x <= width - 0.5 and -0.5 <= y <= height - 0.5):
+        raise ValueError(f"instance {instance_number}: label (x {x:.1f}, y {y:.1f}) outside its {height} x {width} frame")
     col, row = to_resized([x, y], series.original_sizes[d], series.volume.shape[1:])
     return d, float(col), float(row)
 

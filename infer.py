@@ -63,7 +63,7 @@ def load_study(data_dir, split, study_id, series_of_type, cache_dir):
                 series = data.load_series(series_dir, cache_dir)
             except data.DecoderMissing:
                 raise
-            except (OSError, ValueError) as error:
+            except (OSError, ValueError) as error:  # a listed folder that is absent, empty or unreadable
                 problems.append(f"{series_type} series {series_dir} unreadable ({error})")
                 continue
             study[series_type] = (series_id, series, data.normalise_volume(series.volume))
@@ -185,9 +185,23 @@ def grade_study(severity_models, study, landmarks, settings, device, shift_mm=0.
     return total / len(offsets), available.numpy()
 
 
+def warn_unlisted(data_dir, split, descriptions):
+    """Series folders on disk that the series CSV does not list are not graded: say so, naming them."""
+    listed = {(s, t) for s, types in descriptions.items() for ids in types.values() for t in ids}
+    images = os.path.join(data_dir, f"{split}_images")
+    on_disk = {(int(s), int(t)) for s in os.listdir(images) if s.isdigit() and os.path.isdir(os.path.join(images, s))
+               for t in os.listdir(os.path.join(images, s)) if t.isdigit()} if os.path.isdir(images) else set()
+    unlisted = sorted(on_disk - listed)
+    if unlisted:
+        warnings.warn(f"{images}: {len(unlisted)} series folders not in {split}_series_descriptions.csv are ignored, "
+                      f"e.g. {', '.join(f'{s}/{t}' for s, t in unlisted[:5])}")
+    return unlisted
+
+
 def predict_split(data_dir, split, study_ids, landmark_models, severity_models, settings, prior, cache_dir, device, shift_mm=0.0):
     """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback columns})."""
     descriptions = data.series_by_study(data.read_series_descriptions(os.path.join(data_dir, f"{split}_series_descriptions.csv")))
+    warn_unlisted(data_dir, split, descriptions)
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     landmark_rows, fallbacks = [], {}
     for i, study_id in enumerate(study_ids):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -59,6 +60,8 @@ def parse_args(argv=None):
     # debugging
     parser.add_argument("--overfit-batches", type=int, default=0, help="train on this many batches only, no augmentation")
     parser.add_argument("--dry-run", action="store_true", help="one short epoch on 2 studies, to check the plumbing")
+    parser.add_argument("--stop-after-epochs", type=int, default=0, help="end the run after this many epochs, as a "
+                        "kill would (the schedule still spans --epochs); for testing --resume")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/landmarks_<type>_last.pt")
     parser.add_argument("--overlays", type=int, default=4, help="PNG overlays of this many validation series per type")
     args = parser.parse_args(argv)
@@ -89,14 +92,17 @@ def labelled_series(data_dir, split="train"):
     return out
 
 
-def point_targets(series, series_points, point_names):
-    """(K, 3) [slice, col, row] in volume pixels, NaN where the point is unlabelled or its instance is absent."""
+def point_targets(series, series_points, point_names, series_dir=""):
+    """(K, 3) [slice, col, row] in volume pixels; NaN (masked) where the point is unlabelled, and, with a
+    warning, where its instance is not in the series or it lies outside its frame."""
     targets = np.full((len(point_names), 3), np.nan, dtype=np.float32)
     for k, name in enumerate(point_names):
         if name in series_points:
             instance, x, y = series_points[name]
-            if instance in series.instance_numbers:
+            try:
                 targets[k] = data.label_to_volume(series, instance, x, y)
+            except (KeyError, ValueError) as error:
+                warnings.warn(f"{series_dir}: label {name[0]} {name[1]} ignored: {error}")
     return targets
 
 
@@ -113,7 +119,7 @@ class SagittalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         item = self.items[index]
         series = data.load_series(item["series_dir"], self.cache_dir)
-        targets = point_targets(series, item["points"], self.point_names)
+        targets = point_targets(series, item["points"], self.point_names, item["series_dir"])
         volume = data.resize_volume(data.normalise_volume(series.volume), self.size)  # (D, S, S)
         targets[:, 1:] = data.to_resized(targets[:, 1:], series.volume.shape[1:], (self.size, self.size))
         if self.augment:
@@ -157,8 +163,9 @@ class AxialDataset(torch.utils.data.Dataset):
         item, level, instance = self.samples[index]
         series = data.load_series(item["series_dir"], self.cache_dir)
         names = [(f"{side}_subarticular_stenosis", level) for side in ("left", "right")]
-        targets = point_targets(series, item["points"], names)
-        d = int(np.flatnonzero(series.instance_numbers == instance)[0])
+        targets = point_targets(series, item["points"], names, item["series_dir"])
+        matches = np.flatnonzero(series.instance_numbers == instance)
+        d = int(matches[0]) if len(matches) else 0  # a lost instance: point_targets warned, its targets are NaN
         targets[np.abs(targets[:, 0] - d) > 0.5] = np.nan  # the other side may be labelled on another slice
         if self.augment and self.jitter:  # stage 1 may pick a neighbouring slice; learn to look there too
             d = int(np.clip(d + np.random.randint(-self.jitter, self.jitter + 1), 0, len(series.volume) - 1))
@@ -455,8 +462,10 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
         print(f"{tag}: resumed after epoch {checkpoint['epoch']} (step {step})")
     log = CsvLog(os.path.join(args.out_dir, f"landmarks_{tag}.csv"), keep_epochs_below=start_epoch if args.resume else None)
     print(f"{tag}: {len(train_items)} train / {len(val_items)} val series, {steps_per_epoch} steps/epoch, {n_points} points")
-    metrics = {}
+    metrics, losses = {}, []
     for epoch in range(start_epoch, args.epochs):
+        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
+            break
         started, losses, waited = time.time(), [], 0.0
         fetch_start = time.time()
         for batch_index, (inputs, targets, depth_mask, indices) in enumerate(loader):
@@ -499,7 +508,7 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
             best = score
             save_checkpoint(best_path, checkpoint)
     write_overlays(model, tag, val_items, args, device)
-    return dict(metrics, train_loss=float(np.mean(losses)) if args.epochs > start_epoch else float("nan"))
+    return dict(metrics, train_loss=float(np.mean(losses)) if losses else float("nan"))
 
 
 def write_overlays(model, tag, items, args, device):

@@ -10,6 +10,7 @@ Writes RUN/severity.csv (one row per epoch), RUN/severity_{last,best}.pt, RUN/co
 import argparse
 import os
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--overfit-batches", type=int, default=0, help="train on this many batches only, no jitter, "
                         "no label smoothing: the loss must go to about 0")
     parser.add_argument("--dry-run", action="store_true", help="one short epoch on a few studies")
+    parser.add_argument("--stop-after-epochs", type=int, default=0, help="end the run after this many epochs, as a "
+                        "kill would (the schedule still spans --epochs); for testing --resume")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/severity_last.pt")
     args = parser.parse_args(argv)
     assert args.n_slices % 2 == 1, "--n-slices must be odd (a centre slice and its neighbours)"
@@ -88,9 +91,10 @@ def load_labelled_study(entry, cache_dir):
         study[series_type] = (int(os.path.basename(series_dir)), series, data.normalise_volume(series.volume))
     landmarks = {}
     for name, (series_type, instance, x, y) in entry["points"].items():
-        series = study[series_type][1]
-        if instance in series.instance_numbers:
-            landmarks[name] = (series_type, *data.label_to_volume(series, instance, x, y))
+        try:
+            landmarks[name] = (series_type, *data.label_to_volume(study[series_type][1], instance, x, y))
+        except (KeyError, ValueError) as error:  # that row trains nothing: no crop, label masked
+            warnings.warn(f"{entry['series'][series_type]}: label {name[0]} {name[1]} ignored: {error}")
     return study, landmarks
 
 
@@ -237,6 +241,8 @@ def main(argv=None):
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px)
     row = {}
     for epoch in range(start_epoch, args.epochs):
+        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
+            break
         started, batch_losses, waited, fetch_start = time.time(), [], 0.0, time.time()
         for batch_index, (crops, groups, labels, indices) in enumerate(loader):
             if batch_index >= steps_per_epoch:
