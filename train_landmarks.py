@@ -333,10 +333,12 @@ def write_overlay(path, series, targets, predicted, names):
     panels = []
     for d in slices:
         image = data.normalise_volume(series.volume[d]).clip(0, 1) * 255
-        panel = Image.fromarray(image.astype(np.uint8)).convert("RGB")
+        zoom = max(1, int(np.ceil(320 / image.shape[1])))  # small frames are enlarged so the labels stay legible
+        panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
         draw = ImageDraw.Draw(panel)
         for points, colour in ((targets, (0, 255, 0)), (predicted, (255, 60, 60))):
             for (pd_, col, row), (condition, level) in zip(points, names):
+                col, row = (col + 0.5) * zoom - 0.5, (row + 0.5) * zoom - 0.5
                 if np.isfinite([pd_, col, row]).all() and int(pd_) == d:
                     draw.ellipse([col - 3, row - 3, col + 3, row + 3], outline=colour, width=2)
                     draw.text((col + 5, row - 6), f"{condition[0].upper()}{level[1]}{level[-1]}", fill=colour)
@@ -536,6 +538,9 @@ def main(argv=None):
     results = {}
     for tag in args.series_types:
         results[tag] = train_series_type(args, tag, train_items, val_items, canal_points, device)
+    if not val_items:
+        print("no validation studies (--all-studies or --overfit-batches): infer.py measures the landmarks on held-out data")
+        return results
     print("\nseries type   median_mm  p90_mm  slice_exact  slice_within1")
     for tag, metrics in results.items():
         print(f"{tag:12s}  " + "  ".join(f"{metrics.get(k, float('nan')):9.3f}" for k in ("median_mm", "p90_mm", "slice_exact", "slice_within1")))
