@@ -90,3 +90,23 @@ def test_severity_overfit_mode_drives_the_loss_down(tiny, tmp_path):
                                               "--warmup-steps", "3", "--crop-px", "32"])
     losses = pd.read_csv(run / "severity.csv")["train_loss"].to_numpy()
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_listed_series_missing_on_disk_and_unlisted_folders_are_named(tiny, trained, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy, ignore=shutil.ignore_patterns("cache"))
+    listed = pd.read_csv(copy / "test_series_descriptions.csv")
+    gone = listed[listed["series_description"] == "Axial T2"].iloc[0]
+    shutil.rmtree(copy / "test_images" / str(gone["study_id"]) / str(gone["series_id"]))
+    stray = copy / "test_images" / str(gone["study_id"]) / "123456789"
+    shutil.copytree(copy / "test_images" / str(gone["study_id"]) / str(listed.iloc[0]["series_id"]), stray)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        submission = _infer(copy, trained)
+    _assert_complete(submission, copy)
+    messages = " ".join(str(w.message) for w in caught)
+    assert f"{gone['study_id']}/123456789" in messages and "not in test_series_descriptions.csv" in messages
+    assert f"Axial T2 series {copy / 'test_images' / str(gone['study_id']) / str(gone['series_id'])} unreadable" in messages
+    assert f"study {gone['study_id']}: 10 rows fall back to the training prior" in messages
+    assert all(f"{side}_subarticular_stenosis_{level}" in messages for side in ("left", "right") for level in data.LEVELS)

@@ -128,3 +128,19 @@ def test_same_seed_and_flags_give_identical_logs_and_predictions(tiny, tmp_path)
         a, b = (pd.read_csv(tmp_path / run / name).drop(columns=["seconds", "data_wait"]) for run in ("a", "b"))
         pd.testing.assert_frame_equal(a, b)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "submission.csv"), pd.read_csv(tmp_path / "b" / "submission.csv"))
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    train_landmarks.save_checkpoint(path, {"epoch": 1})
+
+    def dies_halfway(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process is killed mid-write
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        train_landmarks.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
