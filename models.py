@@ -16,8 +16,11 @@ def resnet18_trunk(in_channels, pretrained_path=None):
     """ResNet-18 with its first conv taking in_channels; weights from a local state-dict file if given."""
     net = torchvision.models.resnet18(weights=None)
     if pretrained_path:
-        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-        missing, unexpected = net.load_state_dict(state, strict=False)
+        try:
+            state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
+            missing, unexpected = net.load_state_dict(state, strict=False)
+        except Exception as error:  # not a torch file, or tensors of the wrong shapes
+            raise ValueError(f"{pretrained_path}: not a ResNet-18 state dict ({type(error).__name__}: {str(error)[:200]})") from error
         if len(missing) > 2 or unexpected:  # only the classifier (fc.weight, fc.bias) may be absent
             raise ValueError(f"{pretrained_path}: not a ResNet-18 state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
     first = net.conv1.weight.data.mean(dim=1, keepdim=True)  # (64, 1, 7, 7): grey input from RGB filters

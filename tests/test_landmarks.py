@@ -52,3 +52,17 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     lrs = [tl.get_lr(s, 100, 10, 1e-3) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == pytest.approx(0.0)
+
+
+def test_pretrained_weights_load_from_a_local_file_and_a_wrong_file_is_named(tmp_path):
+    import torchvision
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    net = models.LandmarkNet(5, pretrained_path=str(tmp_path / "resnet18.pth"))
+    torch.testing.assert_close(net.layer2.state_dict(), reference.layer2.state_dict())
+    torch.testing.assert_close(net.stem[0].weight[:, 0], reference.conv1.weight.mean(dim=1) / 2)  # grey filters, 2 channels
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save({"layer1.0.conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
+    for name in ("notes.txt", "wrong.pth"):
+        with pytest.raises(ValueError, match=f"{name}: not a ResNet-18 state dict"):
+            models.LandmarkNet(5, pretrained_path=str(tmp_path / name))
