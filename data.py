@@ -412,20 +412,6 @@ def slice_offsets(series):
     return (along - along.mean()).astype(np.float32)
 
 
-def flip_left_right(images, points):
-    """Mirror images (..., H, W) along columns and swap the left/right halves of points (K, ...).
-
-    points hold the left points first, then the right points, columns in [..., 0] as pixel x; the
-    mirrored left point becomes the new right point and vice versa, so the labels stay true anatomy.
-    """
-    width = images.shape[-1]
-    flipped = images.flip(-1) if torch.is_tensor(images) else images[..., ::-1].copy()
-    mirrored = points.copy()
-    mirrored[..., 0] = width - 1 - points[..., 0]
-    half = len(points) // 2
-    return flipped, np.concatenate([mirrored[half:], mirrored[:half]])
-
-
 def crop_2p5d(volume, series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False):
     """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
 

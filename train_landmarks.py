@@ -144,6 +144,16 @@ def column_direction(series, slice_index):
     return 1.0 if series.orientations[slice_index, 0] >= 0 else -1.0
 
 
+def mirror_axial(image, targets, direction):
+    """Mirror an axial input (1, S, S) across its columns. Points (K, 3) [slice, col, row] move with the image
+    and keep their side: the patient's left recess is still the left one, it now lies on the other half of
+    the image, and the direction channel flips to say so. (Without that channel, left and right labels would
+    have to swap instead, and a series stored the other way round would fool the network.)"""
+    mirrored = targets.copy()
+    mirrored[:, 1] = image.shape[-1] - 1 - targets[:, 1]
+    return image.flip(-1), mirrored, -direction
+
+
 class AxialDataset(torch.utils.data.Dataset):
     """One labelled axial slice: (1, 2, S, S) input, targets (2, 3) [0, col, row] for left and right recess."""
 
@@ -174,9 +184,8 @@ class AxialDataset(torch.utils.data.Dataset):
         targets[:, 1:] = data.to_resized(targets[:, 1:], series.volume.shape[1:], (self.size, self.size))
         direction = column_direction(series, d)
         if self.augment:
-            if np.random.rand() < 0.5:  # mirrored: the left recess is now the right one, and columns run the other way
-                image, targets = data.flip_left_right(image, targets)
-                image, direction = image.contiguous(), -direction
+            if np.random.rand() < 0.5:
+                image, targets, direction = mirror_axial(image, targets, direction)
             image, targets[:, 1:] = random_affine(image, targets[:, 1:])
             image = random_intensity(image)
         return torch.stack([image, torch.full_like(image, direction)], dim=1), torch.from_numpy(targets), index

@@ -25,16 +25,16 @@ def test_peaked_heatmap_decodes_to_known_point_in_original_pixels():
     assert confidence[0, 0] > 0.5
 
 
-def test_flip_swaps_left_and_right_labels():
-    image = np.zeros((1, 10, 20), np.float32)
-    image[0, 3, 2] = 1.0  # something at the left point's place
-    points = np.array([[0, 2.0, 3.0], [0, 15.0, 6.0]])  # [slice, col, row]: left first, then right
-    points = points[:, [1, 2, 0]]  # flip_left_right takes pixel x in [..., 0]
-    flipped, swapped = data.flip_left_right(image, points)
-    # the old left point, mirrored, is now the right point (index 1) and sits on the mirrored pixel
-    np.testing.assert_allclose(swapped[1], [17.0, 3.0, 0])
-    np.testing.assert_allclose(swapped[0], [4.0, 6.0, 0])
-    assert flipped[0, 3, 17] == 1.0
+def test_axial_flip_moves_points_with_the_image_and_keeps_their_side():
+    image = torch.zeros(1, 10, 20)
+    image[0, 3, 2] = 1.0  # the patient's left recess, at col 2 (columns run toward the patient's left: direction +1)
+    image[0, 6, 15] = 2.0  # the right recess
+    targets = np.array([[0, 2.0, 3.0], [0, 15.0, 6.0]], dtype=np.float32)  # [slice, col, row]: left, then right
+    flipped, moved, direction = tl.mirror_axial(image, targets, 1.0)
+    assert direction == -1.0
+    for (d, col, row), value in zip(moved, (1.0, 2.0)):  # each label still sits on its own recess
+        assert flipped[int(d), int(row), int(col)] == value
+    np.testing.assert_allclose(moved[:, 1], [17.0, 4.0])
 
 
 def test_random_affine_moves_points_with_the_image():
