@@ -112,16 +112,19 @@ def predict_landmarks(landmark_models, study, device):
 
 
 def level_points_mm(study, found):
-    """(5, 3) patient mm of each disc level on the midline: the canal points, else the foramina's midpoint."""
+    """(5, 3) patient mm of each disc level near the midline, or None: the mean of two independent estimates
+    where both exist, the canal points (Sagittal T2/STIR) and the midpoint of the left and right foramina
+    (Sagittal T1), so one series' craniocaudal slip moves the chosen axial slice only half as far."""
+    estimates = []
     if all(("spinal_canal_stenosis", lv) in found for lv in data.LEVELS):
         series = study["Sagittal T2/STIR"][1]
-        return tl.canal_points_mm(series, np.array([found[("spinal_canal_stenosis", lv)][1:] for lv in data.LEVELS]))
+        estimates.append(tl.canal_points_mm(series, np.array([found[("spinal_canal_stenosis", lv)][1:] for lv in data.LEVELS])))
     sides = [f"{s}_neural_foraminal_narrowing" for s in ("left", "right")]
     if all((c, lv) in found for c in sides for lv in data.LEVELS):
         series = study["Sagittal T1"][1]
         both = [tl.canal_points_mm(series, np.array([found[(c, lv)][1:] for lv in data.LEVELS])) for c in sides]
-        return (both[0] + both[1]) / 2
-    return None
+        estimates.append((both[0] + both[1]) / 2)
+    return np.mean(estimates, axis=0) if estimates else None
 
 
 def study_crops(study, landmarks, n_slices, out_px):
