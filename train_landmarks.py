@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
 import data
 from losses import heatmap_loss
 from models import LandmarkNet, decode_heatmaps, heat_to_volume
+from viz import write_overlay
 
 SERIES_TAGS = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
 AXIAL_SIDES = 2  # the axial network finds the left and the right recess of one slice
@@ -330,34 +330,6 @@ def true_canal_points(items, cache_dir):
 
 def data_type(tag):
     return {v: k for k, v in SERIES_TAGS.items()}[tag]
-
-
-# -----------------------------------------------------------------------------
-# overlays a person can check at a glance
-
-
-def write_overlay(path, series, targets, predicted, names):
-    """PNG of the slices holding true (green) and predicted (red) points, labelled with their level."""
-    slices = sorted({int(t[0]) for t in targets if np.isfinite(t).all()} | {int(p[0]) for p in predicted if np.isfinite(p).all()})[:4]
-    panels = []
-    for d in slices:
-        image = data.normalise_volume(series.volume[d]).clip(0, 1) * 255
-        zoom = max(1, int(np.ceil(320 / image.shape[1])))  # small frames are enlarged so the labels stay legible
-        panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
-        draw = ImageDraw.Draw(panel)
-        for points, colour in ((targets, (0, 255, 0)), (predicted, (255, 60, 60))):
-            for (pd_, col, row), (condition, level) in zip(points, names):
-                col, row = (col + 0.5) * zoom - 0.5, (row + 0.5) * zoom - 0.5
-                if np.isfinite([pd_, col, row]).all() and int(pd_) == d:
-                    draw.ellipse([col - 3, row - 3, col + 3, row + 3], outline=colour, width=2)
-                    draw.text((col + 5, row - 6), f"{condition[0].upper()}{level[1]}{level[-1]}", fill=colour)
-        draw.text((3, 3), f"slice {d}", fill=(255, 255, 0))
-        panels.append(panel)
-    if panels:
-        canvas = Image.new("RGB", (sum(p.width for p in panels), panels[0].height))
-        for i, panel in enumerate(panels):
-            canvas.paste(panel, (sum(p.width for p in panels[:i]), 0))
-        canvas.save(path)
 
 
 # -----------------------------------------------------------------------------

@@ -15,13 +15,13 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
 
 import data
 import infer
 import losses
 import train_landmarks as tl
 from models import SeverityNet
+from viz import save_confusion_png
 
 
 def parse_args(argv=None):
@@ -178,24 +178,6 @@ def confusion_matrices(entries, probabilities):
         keep = truth != data.MISSING
         out[name] = np.bincount(truth[keep] * 3 + guess[keep], minlength=9).reshape(3, 3)
     return out
-
-
-def save_confusion_png(path, matrices):
-    """Three 3x3 grids (rows true, columns predicted) as one PNG."""
-    cell, canvas = 40, Image.new("RGB", (len(matrices) * 170, 170), "white")
-    draw = ImageDraw.Draw(canvas)
-    for g, (name, matrix) in enumerate(matrices.items()):
-        x0 = g * 170 + 35
-        draw.text((x0, 5), name, fill="black")
-        for i in range(3):
-            for j in range(3):
-                share = matrix[i, j] / max(matrix[i].sum(), 1)
-                shade = int(255 * (1 - share))
-                box = [x0 + j * cell, 25 + i * cell, x0 + (j + 1) * cell, 25 + (i + 1) * cell]
-                draw.rectangle(box, fill=(shade, shade, 255), outline="black")
-                draw.text((box[0] + 8, box[1] + 14), str(matrix[i, j]), fill="black")
-        draw.text((x0, 150), "rows: true N/M/S", fill="black")
-    canvas.save(path)
 
 
 # -----------------------------------------------------------------------------

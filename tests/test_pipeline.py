@@ -54,7 +54,9 @@ def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submis
         assert len(log) == 1 and np.isfinite(log["train_loss"]).all()
         assert (trained / f"landmarks_{tag}_last.pt").exists()
     assert any(name.startswith("overlay_") for name in os.listdir(trained))
-    assert len(pd.read_csv(trained / "severity.csv")) == 1 and (trained / "severity_last.pt").exists()
+    log = pd.read_csv(trained / "severity.csv")
+    assert len(log) == 1 and (trained / "severity_last.pt").exists() and np.isfinite(log["score"]).all()
+    assert (trained / "confusion_predicted_landmarks.png").exists()  # the honest validation ran end to end
     study_ids = _assert_complete(_infer(tiny, trained), tiny)
     landmarks = data.read_coordinates(trained / "landmarks_test.csv")
     assert len(landmarks) == 25 * len(study_ids)
