@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
@@ -342,6 +343,27 @@ def resolve_device(name):
     return torch.device(name)
 
 
+def setup_distributed(device_name):
+    """(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA, gloo on CPU) and
+    each process takes its own GPU; without torchrun this is (0, 1, the plain device)."""
+    device = resolve_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def wrap_for_training(model, world_size, device):
+    """DistributedDataParallel under torchrun (gradients averaged across processes), else the model itself."""
+    if world_size == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
 def autocast_context(device, amp):
     """Mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler); off on CPU."""
     if device.type != "cuda" or not amp:
@@ -412,9 +434,18 @@ def make_loader(tag, items, args, augment, shuffle):
         dataset = SagittalDataset(items, data.POINTS_OF_SERIES[data_type(tag)], args.image_size, args.cache_dir, augment,
                                   args.train_depth)
         batch_size = args.batch_size
-    generator = torch.Generator().manual_seed(args.seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_padded,
-                                       num_workers=args.num_workers, worker_init_fn=seed_worker, generator=generator,
+    return distributed_loader(dataset, batch_size, shuffle, collate_padded, args)
+
+
+def distributed_loader(dataset, batch_size, shuffle, collate_fn, args):
+    """A DataLoader; under torchrun each process reads its own share (DistributedSampler, reshuffled per epoch)."""
+    sampler = None
+    if args.world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=shuffle, seed=args.seed)
+        shuffle = False
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn,
+                                       num_workers=args.num_workers, worker_init_fn=seed_worker,
+                                       generator=torch.Generator().manual_seed(args.seed),
                                        pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
 
 
@@ -433,6 +464,8 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
     model = LandmarkNet(n_points, pretrained_path=args.pretrained or None).to(device)
+    train_model = wrap_for_training(model, args.world_size, device)
+    main_process = args.rank == 0  # logs, checkpoints, validation and printing happen once
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ctx, scaler = autocast_context(device, args.amp)
     last_path, best_path = (os.path.join(args.out_dir, f"landmarks_{tag}_{k}.pt") for k in ("last", "best"))
@@ -443,13 +476,16 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step, best = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
         print(f"{tag}: resumed after epoch {checkpoint['epoch']} (step {step})")
-    log = CsvLog(os.path.join(args.out_dir, f"landmarks_{tag}.csv"), keep_epochs_below=start_epoch if args.resume else None)
-    print(f"{tag}: {len(train_items)} train / {len(val_items)} val series, {steps_per_epoch} steps/epoch, {n_points} points")
+    log = CsvLog(os.path.join(args.out_dir, f"landmarks_{tag}.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
+    if main_process:
+        print(f"{tag}: {len(train_items)} train / {len(val_items)} val series, {steps_per_epoch} steps/epoch, {n_points} points")
     metrics, losses = {}, []
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
             break
         started, losses, waited = time.time(), [], 0.0
+        if loader.sampler is not None and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         fetch_start = time.time()
         for batch_index, (inputs, targets, depth_mask, indices) in enumerate(loader):
             if batch_index >= steps_per_epoch:
@@ -459,7 +495,7 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with ctx:
-                logits = model(inputs.to(device, non_blocking=True))
+                logits = train_model(inputs.to(device, non_blocking=True))
             loss = heatmap_loss(logits, targets, depth_mask, args.image_size, args.sigma)
             if not torch.isfinite(loss):
                 studies = sorted({loader.dataset.items[i]["study_id"] if tag != "axial" else loader.dataset.samples[i][0]["study_id"] for i in indices.tolist()})
@@ -471,12 +507,14 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
             losses.append(loss.item())
             step += 1
             elapsed = time.time() - started
-            if batch_index % 10 == 0 or batch_index == steps_per_epoch - 1:
+            if main_process and (batch_index % 10 == 0 or batch_index == steps_per_epoch - 1):
                 rate = (batch_index + 1) / elapsed
                 eta = (total_steps - step) / max(rate, 1e-9)
                 print(f"\r{tag} epoch {epoch + 1}/{args.epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(losses):.4f} "
                       f"lr {lr:.2e} {rate:.2f} it/s eta {eta / 60:.1f} min", end="", flush=True)
             fetch_start = time.time()
+        if not main_process:
+            continue
         print()
         metrics = evaluate(model, tag, val_items, canal_points, args, device) if val_items else {}
         row = dict(epoch=epoch, step=step, lr=lr, train_loss=float(np.mean(losses)), **metrics,
@@ -490,7 +528,8 @@ def train_series_type(args, tag, train_items, val_items, canal_points, device):
         if score <= best:
             best = score
             save_checkpoint(best_path, checkpoint)
-    write_overlays(model, tag, val_items, args, device)
+    if main_process:
+        write_overlays(model, tag, val_items, args, device)
     return dict(metrics, train_loss=float(np.mean(losses)) if losses else float("nan"))
 
 
@@ -508,17 +547,23 @@ def write_overlays(model, tag, items, args, device):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.rank, args.world_size, device = setup_distributed(args.device)
     os.makedirs(args.out_dir, exist_ok=True)
-    save_args(args.out_dir, "train_landmarks", args)
+    if args.rank == 0:
+        save_args(args.out_dir, "train_landmarks", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = resolve_device(args.device)
     items = labelled_series(args.data_dir, "train")
     train_items, val_items = split_items(items, args)
     canal_points = true_canal_points(val_items, args.cache_dir) if "axial" in args.series_types else {}
     results = {}
     for tag in args.series_types:
         results[tag] = train_series_type(args, tag, train_items, val_items, canal_points, device)
+    if args.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if args.rank != 0:
+        return results
     if not val_items:
         print("no validation studies (--all-studies or --overfit-batches): infer.py measures the landmarks on held-out data")
         return results

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 import data
 import infer
@@ -186,11 +187,13 @@ def confusion_matrices(entries, probabilities):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.rank, args.world_size, device = tl.setup_distributed(args.device)
+    main_process = args.rank == 0  # logs, checkpoints, validation and printing happen once
     os.makedirs(args.out_dir, exist_ok=True)
-    tl.save_args(args.out_dir, "train_severity", args)
+    if main_process:
+        tl.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    device = tl.resolve_device(args.device)
     entries = labelled_studies(args.data_dir)
     folds = data.assign_folds([e["study_id"] for e in entries], args.n_folds, seed=0)
     train_entries = [e for e in entries if args.all_studies or folds[e["study_id"]] != args.fold]
@@ -201,13 +204,11 @@ def main(argv=None):
     landmark_models = infer.load_landmark_models(args.landmark_dir or args.out_dir, device) if val_entries else {}
 
     dataset = StudyCrops(train_entries, args, augment=not args.overfit_batches)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=not args.overfit_batches,
-                                         collate_fn=collate_studies, num_workers=args.num_workers, worker_init_fn=tl.seed_worker,
-                                         generator=torch.Generator().manual_seed(args.seed), pin_memory=torch.cuda.is_available(),
-                                         persistent_workers=args.num_workers > 0)
+    loader = tl.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
     model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(device)
+    train_model = tl.wrap_for_training(model, args.world_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     ctx, scaler = tl.autocast_context(device, args.amp)
     last_path, best_path = (os.path.join(args.out_dir, f"severity_{k}.pt") for k in ("last", "best"))
@@ -218,14 +219,17 @@ def main(argv=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step, best = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
         print(f"severity: resumed after epoch {checkpoint['epoch']} (step {step})")
-    log = tl.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None)
-    print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
+    log = tl.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
+    if main_process:
+        print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px)
     row = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
             break
         started, batch_losses, waited, fetch_start = time.time(), [], 0.0, time.time()
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         for batch_index, (crops, groups, labels, indices) in enumerate(loader):
             if batch_index >= steps_per_epoch:
                 break
@@ -235,7 +239,7 @@ def main(argv=None):
                 group["lr"] = lr
             crops, groups, labels = (t.to(device, non_blocking=True) for t in (crops, groups, labels))
             with ctx:
-                logits = model(crops, groups)  # (B*25, 3)
+                logits = train_model(crops, groups)  # (B*25, 3)
             loss = losses.weighted_cross_entropy(logits, labels, 0.0 if args.overfit_batches else args.label_smoothing)
             if args.any_severe_weight:
                 spinal = logits.view(-1, 25, 3)[:, :5]
@@ -250,9 +254,12 @@ def main(argv=None):
             batch_losses.append(loss.item())
             step += 1
             rate = (batch_index + 1) / (time.time() - started)
-            print(f"\rseverity epoch {epoch + 1}/{args.epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(batch_losses):.4f} "
-                  f"lr {lr:.2e} {rate:.2f} it/s eta {(total_steps - step) / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
+            if main_process:
+                print(f"\rseverity epoch {epoch + 1}/{args.epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(batch_losses):.4f} "
+                      f"lr {lr:.2e} {rate:.2f} it/s eta {(total_steps - step) / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
             fetch_start = time.time()
+        if not main_process:
+            continue
         print()
         metrics = evaluate(model, val_entries, args, device)[0] if val_entries else {}
         row = dict(epoch=epoch, step=step, lr=lr, train_loss=float(np.mean(batch_losses)), **metrics,
@@ -266,7 +273,10 @@ def main(argv=None):
         if score <= best:
             best = score
             tl.save_checkpoint(best_path, checkpoint)
-    if val_entries and landmark_models:
+    if args.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    if main_process and val_entries and landmark_models:
         model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
         true_metrics, _ = evaluate(model, val_entries, args, device)
         honest, probabilities = evaluate(model, val_entries, args, device, landmark_models)

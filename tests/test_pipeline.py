@@ -112,3 +112,30 @@ def test_listed_series_missing_on_disk_and_unlisted_folders_are_named(tiny, trai
     assert f"Axial T2 series {copy / 'test_images' / str(gone['study_id']) / str(gone['series_id'])} unreadable" in messages
     assert f"study {gone['study_id']}: 10 rows fall back to the training prior" in messages
     assert all(f"{side}_subarticular_stenosis_{level}" in messages for side in ("left", "right") for level in data.LEVELS)
+
+
+def _torchrun(script, args, processes):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               os.path.join(root, script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_training_under_torchrun_with_two_gloo_processes_matches_one_process(tiny, trained, tmp_path):
+    common = _common(tiny, tmp_path / "x")[:2] + ["--cache-dir", str(tiny / "cache"), "--num-workers", "0", "--landmark-dir",
+                                                  str(trained), "--epochs", "3", "--dry-run", "--crop-px", "32", "--lr", "3e-4"]
+    out = lambda name: ["--out-dir", str(tmp_path / name)]  # noqa: E731
+    _torchrun("train_severity.py", common[2:] + ["--data-dir", str(tiny)] + out("two") + ["--batch-size", "1"], 2)
+    _torchrun("train_severity.py", common[2:] + ["--data-dir", str(tiny)] + out("one") + ["--batch-size", "2"], 1)
+    two, one = (pd.read_csv(tmp_path / name / "severity.csv") for name in ("two", "one"))
+    assert len(two) == len(one) == 3 and two["step"].tolist() == one["step"].tolist()  # one log, written by rank 0 only
+    print("torchrun x2 scores", two["score"].tolist(), "one process", one["score"].tolist())
+    assert abs(two["score"].iloc[-1] - one["score"].iloc[-1]) < 0.25, (two["score"].tolist(), one["score"].tolist())
+    landmark_log = _torchrun("train_landmarks.py", ["--data-dir", str(tiny), "--cache-dir", str(tiny / "cache"), "--num-workers", "0",
+                                                    "--series-types", "sag_t2", "--epochs", "1", "--image-size", "48",
+                                                    "--overlays", "0"] + out("landmarks"), 2)
+    assert landmark_log.count("sag_t2: ") == 1 and len(pd.read_csv(tmp_path / "landmarks" / "landmarks_sag_t2.csv")) == 1
