@@ -21,6 +21,7 @@ import torch
 import data
 import losses
 import train_landmarks as tl
+import training
 from models import LandmarkNet, SeverityNet
 
 GROUP_OF_CONDITION = {"spinal_canal_stenosis": 0, "left_neural_foraminal_narrowing": 1, "right_neural_foraminal_narrowing": 1,
@@ -287,7 +288,7 @@ def print_landmark_errors(errors):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = tl.resolve_device(args.device)
+    device = training.resolve_device(args.device)
     started = time.time()
     descriptions = data.read_series_descriptions(os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv"))
     study_ids = [int(s) for s in args.studies.split(",")] if args.studies else sorted(descriptions["study_id"].unique().tolist())

@@ -10,14 +10,12 @@ level through patient space into the axial series; a 2D network finds the left a
 Writes RUN/landmarks_<type>.csv (one row per epoch), RUN/landmarks_<type>_{last,best}.pt, RUN/args.json.
 """
 import argparse
-import json
 import math
 import os
 import time
 import warnings
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -25,6 +23,8 @@ import torch.nn.functional as F
 import data
 from losses import heatmap_loss
 from models import LandmarkNet, decode_heatmaps, heat_to_volume
+from training import (CsvLog, autocast_context, distributed_loader, get_lr, save_args, save_checkpoint,
+                      setup_distributed, wrap_for_training)
 from viz import write_overlay
 
 SERIES_TAGS = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}
@@ -283,13 +283,13 @@ def summarise_errors(mm, slices):
 
 
 def evaluate(model, tag, items, canal_items, args, device):
-    """Validation: {val_loss, median_mm, p90_mm, slice_exact, slice_within1} for one series type.
+    """Validation: {median_mm, p90_mm, slice_exact, slice_within1} for one series type.
 
     Axial slices come from the TRUE sagittal canal points here (this stage's own error); infer.py
     uses the predicted ones.
     """
     model.eval()
-    mm, slices, losses = [], [], []
+    mm, slices = [], []
     for item in items:
         series = data.load_series(item["series_dir"], args.cache_dir)
         if tag == "axial":
@@ -333,86 +333,6 @@ def data_type(tag):
     return {v: k for k, v in SERIES_TAGS.items()}[tag]
 
 
-# -----------------------------------------------------------------------------
-# training plumbing (the severity script uses the same four helpers)
-
-
-def resolve_device(name):
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def setup_distributed(device_name):
-    """(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA, gloo on CPU) and
-    each process takes its own GPU; without torchrun this is (0, 1, the plain device)."""
-    device = resolve_device(device_name)
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def wrap_for_training(model, world_size, device):
-    """DistributedDataParallel under torchrun (gradients averaged across processes), else the model itself."""
-    if world_size == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def autocast_context(device, amp):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler); off on CPU."""
-    if device.type != "cuda" or not amp:
-        return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
-def get_lr(step, total_steps, warmup_steps, peak_lr):
-    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps. A pure function of the step."""
-    if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def save_checkpoint(path, checkpoint):
-    """Write to a temporary file, then rename: a kill while saving never leaves a broken checkpoint."""
-    temporary = path + ".tmp"
-    torch.save(checkpoint, temporary)
-    os.replace(temporary, path)
-
-
-class CsvLog:
-    """One row per epoch, flushed at once; on resume, rows after the checkpoint's epoch are dropped."""
-
-    def __init__(self, path, keep_epochs_below=None):
-        self.path = path
-        if keep_epochs_below is not None and os.path.exists(path):
-            kept = pd.read_csv(path)
-            kept[kept["epoch"] < keep_epochs_below].to_csv(path, index=False)
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def write(self, row):
-        frame = pd.DataFrame([row])
-        frame.to_csv(self.path, mode="a", header=not os.path.exists(self.path), index=False)
-
-
-def save_args(out_dir, script, args):
-    """Print the flags and keep them in RUN/args.json under the script's name (both stages share a run)."""
-    print(json.dumps(vars(args)))
-    path = os.path.join(out_dir, "args.json")
-    saved = json.load(open(path)) if os.path.exists(path) else {}
-    saved[script] = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
-    with open(path, "w") as handle:
-        json.dump(saved, handle, indent=2)
-
-
 def split_items(items, args):
     """Train/validation series by study fold (never the same study on both sides)."""
     folds = data.assign_folds([item["study_id"] for item in items], args.n_folds, seed=0)
@@ -420,10 +340,6 @@ def split_items(items, args):
         return items, []
     train = [item for item in items if folds[item["study_id"]] != args.fold]
     return train, [item for item in items if folds[item["study_id"]] == args.fold]
-
-
-def seed_worker(worker_id):
-    np.random.seed(torch.initial_seed() % 2**32)
 
 
 def make_loader(tag, items, args, augment, shuffle):
@@ -435,18 +351,6 @@ def make_loader(tag, items, args, augment, shuffle):
                                   args.train_depth)
         batch_size = args.batch_size
     return distributed_loader(dataset, batch_size, shuffle, collate_padded, args)
-
-
-def distributed_loader(dataset, batch_size, shuffle, collate_fn, args):
-    """A DataLoader; under torchrun each process reads its own share (DistributedSampler, reshuffled per epoch)."""
-    sampler = None
-    if args.world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=shuffle, seed=args.seed)
-        shuffle = False
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn,
-                                       num_workers=args.num_workers, worker_init_fn=seed_worker,
-                                       generator=torch.Generator().manual_seed(args.seed),
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
 
 
 def train_series_type(args, tag, train_items, val_items, canal_points, device):

@@ -13,7 +13,6 @@ import time
 import warnings
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 
@@ -21,6 +20,7 @@ import data
 import infer
 import losses
 import train_landmarks as tl
+import training
 from models import SeverityNet
 from viz import save_confusion_png
 
@@ -187,11 +187,11 @@ def confusion_matrices(entries, probabilities):
 
 def main(argv=None):
     args = parse_args(argv)
-    args.rank, args.world_size, device = tl.setup_distributed(args.device)
+    args.rank, args.world_size, device = training.setup_distributed(args.device)
     main_process = args.rank == 0  # logs, checkpoints, validation and printing happen once
     os.makedirs(args.out_dir, exist_ok=True)
     if main_process:
-        tl.save_args(args.out_dir, "train_severity", args)
+        training.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     entries = labelled_studies(args.data_dir)
@@ -204,13 +204,13 @@ def main(argv=None):
     landmark_models = infer.load_landmark_models(args.landmark_dir or args.out_dir, device) if val_entries else {}
 
     dataset = StudyCrops(train_entries, args, augment=not args.overfit_batches)
-    loader = tl.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args)
+    loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
     model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(device)
-    train_model = tl.wrap_for_training(model, args.world_size, device)
+    train_model = training.wrap_for_training(model, args.world_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ctx, scaler = tl.autocast_context(device, args.amp)
+    ctx, scaler = training.autocast_context(device, args.amp)
     last_path, best_path = (os.path.join(args.out_dir, f"severity_{k}.pt") for k in ("last", "best"))
     start_epoch, step, best = 0, 0, float("inf")
     if args.resume and os.path.exists(last_path):
@@ -219,7 +219,7 @@ def main(argv=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step, best = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
         print(f"severity: resumed after epoch {checkpoint['epoch']} (step {step})")
-    log = tl.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
+    log = training.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
     if main_process:
         print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px)
@@ -234,7 +234,7 @@ def main(argv=None):
             if batch_index >= steps_per_epoch:
                 break
             waited += time.time() - fetch_start
-            lr = tl.get_lr(step, total_steps, args.warmup_steps, args.lr)
+            lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             crops, groups, labels = (t.to(device, non_blocking=True) for t in (crops, groups, labels))
@@ -269,10 +269,10 @@ def main(argv=None):
         score = metrics.get("score", row["train_loss"])
         checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), n_slices=args.n_slices,
                           settings=settings, prior=args.prior, epoch=epoch, step=step, best=min(best, score))
-        tl.save_checkpoint(last_path, checkpoint)
+        training.save_checkpoint(last_path, checkpoint)
         if score <= best:
             best = score
-            tl.save_checkpoint(best_path, checkpoint)
+            training.save_checkpoint(best_path, checkpoint)
     if args.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()

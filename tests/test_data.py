@@ -1,5 +1,4 @@
 import shutil
-import warnings
 
 import numpy as np
 import pandas as pd

@@ -1,5 +1,4 @@
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -7,6 +6,7 @@ import data
 import losses
 import models
 import train_landmarks as tl
+import training
 
 
 def test_peaked_heatmap_decodes_to_known_point_in_original_pixels():
@@ -49,7 +49,7 @@ def test_random_affine_moves_points_with_the_image():
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    lrs = [tl.get_lr(s, 100, 10, 1e-3) for s in range(101)]
+    lrs = [training.get_lr(s, 100, 10, 1e-3) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[100] == pytest.approx(0.0)
 

@@ -11,6 +11,7 @@ import data
 import infer
 import synthetic
 import train_landmarks
+import training
 import train_severity
 from conftest import write_frame
 
@@ -132,7 +133,7 @@ def test_same_seed_and_flags_give_identical_logs_and_predictions(tiny, tmp_path)
 
 def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    train_landmarks.save_checkpoint(path, {"epoch": 1})
+    training.save_checkpoint(path, {"epoch": 1})
 
     def dies_halfway(obj, target):
         with open(target, "wb") as handle:
@@ -141,6 +142,6 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mon
 
     monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train_landmarks.save_checkpoint(path, {"epoch": 2})
+        training.save_checkpoint(path, {"epoch": 2})
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"epoch": 1}
