@@ -20,10 +20,8 @@ METRIC_GROUPS = {  # the three pooled row groups of the metric
 
 
 def _weighted_log_loss(true_index, probabilities, weights):
-    """sum_i w_i * -log p_i[true_i] / sum_i w_i, rows clipped to [eps, 1 - eps] then normalised (as sklearn)."""
-    clipped = np.clip(probabilities, EPS, 1 - EPS)
-    clipped = clipped / clipped.sum(axis=1, keepdims=True)
-    picked = clipped[np.arange(len(true_index)), true_index]
+    """sum_i w_i * -log p_i[true_i] / sum_i w_i; rows already normalised and clipped by _aligned()."""
+    picked = probabilities[np.arange(len(true_index)), true_index]
     return float(np.sum(weights * -np.log(picked)) / np.sum(weights))
 
 
