@@ -1,7 +1,7 @@
-"""Competition constants, label parsing, DICOM series loading, geometry, crops, folds and cache.
+"""Competition constants, label files and their records, DICOM series loading, geometry, folds and cache.
 
 Everything that knows the RSNA 2024 lumbar spine data format lives here, so the training and
-inference scripts only speak in arrays:
+inference scripts only speak in arrays and records:
 
     study_ids, labels = read_labels("train.csv")          # labels (N, 25) int64, -1 = empty cell
     series = load_series("train_images/4003253/702807833")  # volume (D, H, W) float32, spatial order
@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,10 +52,36 @@ SERIES_OF_CONDITION = {
     "left_subarticular_stenosis": "Axial T2",
     "right_subarticular_stenosis": "Axial T2",
 }
+SERIES_TAGS = {"Sagittal T2/STIR": "sag_t2", "Sagittal T1": "sag_t1", "Axial T2": "axial"}  # file-name tags
+TAG_SERIES = {tag: series_type for series_type, tag in SERIES_TAGS.items()}
 # the landmark points each series type carries, as (condition, level) in a fixed order
 POINTS_OF_SERIES = {
     s: [(c, lv) for c in CONDITIONS if SERIES_OF_CONDITION[c] == s for lv in LEVELS] for s in SERIES_TYPES
 }
+# the metric's three pooled row groups; the severity network has one head per group
+GROUP_CONDITIONS = {
+    "spinal": ["spinal_canal_stenosis"],
+    "foraminal": ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"],
+    "subarticular": ["left_subarticular_stenosis", "right_subarticular_stenosis"],
+}
+GROUPS = list(GROUP_CONDITIONS)
+GROUP_OF_CONDITION = {c: GROUPS.index(g) for g, conditions in GROUP_CONDITIONS.items() for c in conditions}
+N_LEVELS, N_SEVERITIES, N_LABELS = len(LEVELS), len(SEVERITIES), len(LABEL_COLUMNS)
+SPINAL_COLUMNS = slice(0, N_LEVELS)  # spinal_canal_stenosis is the first condition of LABEL_COLUMNS
+# (condition, level) of each of the 25 label columns, in LABEL_COLUMNS order
+COLUMN_POINTS = [(c, lv) for c in CONDITIONS for lv in LEVELS]
+
+# -----------------------------------------------------------------------------
+# records
+
+# a point on a series, in that series' volume pixels (slice index in spatial order, column, row)
+Landmark = namedtuple("Landmark", "series_type series_id slice col row confidence")
+# a labelled point as train_label_coordinates.csv gives it: instance number and x, y in that file's own pixels
+LabelPoint = namedtuple("LabelPoint", "series_id instance_number x y")
+# a series of a split with the points labelled on it: {(condition, level): LabelPoint}
+LabelledSeries = namedtuple("LabelledSeries", "study_id series_id series_type series_dir points")
+# a series loaded for a study
+StudySeries = namedtuple("StudySeries", "series_type series_id series")
 
 # -----------------------------------------------------------------------------
 # label files
@@ -132,6 +159,39 @@ def series_by_study(descriptions):
     return out
 
 
+def labelled_series(data_dir, split="train"):
+    """[LabelledSeries] of every series listed in {split}_series_descriptions.csv, with the points labelled on it
+    ({} when the split has no coordinate file or the series carries no label)."""
+    descriptions = read_series_descriptions(os.path.join(data_dir, f"{split}_series_descriptions.csv"))
+    coordinates_file = os.path.join(data_dir, f"{split}_label_coordinates.csv")
+    points = {}
+    if os.path.exists(coordinates_file):
+        for row in read_coordinates(coordinates_file).itertuples(index=False):
+            points.setdefault(row.series_id, {})[(row.condition, row.level)] = LabelPoint(row.series_id, row.instance_number, row.x, row.y)
+    return [LabelledSeries(int(row.study_id), int(row.series_id), row.series_description,
+                           os.path.join(data_dir, f"{split}_images", str(row.study_id), str(row.series_id)),
+                           points.get(row.series_id, {}))
+            for row in descriptions.itertuples(index=False)]
+
+
+LabelledStudy = namedtuple("LabelledStudy", "study_id labels series points")
+
+
+def labelled_studies(data_dir):
+    """[LabelledStudy] of train.csv, in its order: labels (25,), series [LabelledSeries] (those carrying labels
+    first within a type) and every labelled point {(condition, level): LabelPoint}, each naming its own series."""
+    study_ids, labels = read_labels(os.path.join(data_dir, "train.csv"))
+    series_of_study = {}
+    for item in labelled_series(data_dir, "train"):
+        series_of_study.setdefault(item.study_id, []).append(item)
+    out = []
+    for study_id, study_labels in zip(study_ids.tolist(), labels):
+        items = sorted(series_of_study.get(study_id, []), key=lambda item: not item.points)  # stable: file order kept
+        points = {name: point for item in items for name, point in item.points.items()}
+        out.append(LabelledStudy(study_id, study_labels, items, points))
+    return out
+
+
 def assign_folds(study_ids, n_folds=5, seed=0):
     """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any input order."""
     unique = np.unique(np.asarray(study_ids, dtype=np.int64))
@@ -153,6 +213,7 @@ class Series:
     pixel_spacing: np.ndarray  # (D, 2) [row, col] mm of the frames as returned
     original_sizes: np.ndarray  # (D, 2) [rows, cols] of each frame on disk; labels live in these pixels
     stack_ids: np.ndarray  # (D,) int64, which orientation group (stack) a slice belongs to
+    intensity_range: np.ndarray  # (2,) the volume's 1st and 99.5th percentile: network inputs map it to [0, 1]
 
 
 class DecoderMissing(RuntimeError):
@@ -265,7 +326,7 @@ def load_series(series_dir, cache_dir=None):
 
 def _cache_path(series_dir, names, cache_dir):
     stats = [(n, os.stat(os.path.join(series_dir, n))) for n in names]
-    signature = "v2|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
+    signature = "v3|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
     key = hashlib.sha1((os.path.abspath(series_dir) + signature).encode()).hexdigest()[:16]
     return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(series_dir))}_{key}.pkl")
 
@@ -294,9 +355,10 @@ def _assemble(frames, series_dir):
             spacing[d] = spacing[d] * original_sizes[d] / common
         images.append(image)
     order, stack_ids = _spatial_order(positions, orientations, instance_numbers)
-    return Series(volume=np.stack(images)[order].astype(np.float32), instance_numbers=instance_numbers[order],
-                  positions=positions[order], orientations=orientations[order], pixel_spacing=spacing[order],
-                  original_sizes=original_sizes[order], stack_ids=stack_ids)
+    volume = np.stack(images)[order].astype(np.float32)
+    return Series(volume=volume, instance_numbers=instance_numbers[order], positions=positions[order],
+                  orientations=orientations[order], pixel_spacing=spacing[order], original_sizes=original_sizes[order],
+                  stack_ids=stack_ids, intensity_range=np.percentile(volume, [1.0, 99.5]))
 
 
 # -----------------------------------------------------------------------------
@@ -383,56 +445,12 @@ def volume_to_label(series, slice_index, col, row):
     return int(series.instance_numbers[d]), float(x), float(y)
 
 
-# -----------------------------------------------------------------------------
-# network inputs
+def stack_bounds(series, slice_index):
+    """(first, last) slice index of the stack holding slice_index: neighbours and jitter never leave it."""
+    stack = np.flatnonzero(series.stack_ids == series.stack_ids[int(slice_index)])
+    return int(stack.min()), int(stack.max())
 
 
-def normalise_volume(volume):
-    """Robust intensity scaling of a whole series to about [0, 1] (1st and 99.5th percentile), float32."""
-    low, high = np.percentile(volume, [1.0, 99.5])
-    return np.clip((volume - low) / max(high - low, 1e-6), 0.0, 1.5).astype(np.float32)
-
-
-def resize_volume(volume, size):
-    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with to_resized()."""
-    tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
-
-
-def slice_offsets(series):
-    """(D,) signed offset in mm of each slice from the stack's mean position.
-
-    Sagittal stacks: along patient x, so + is always the patient's left whatever the slice order.
-    Axial stacks: along the main normal (superior-inferior for a contiguous stack).
-    """
-    normals = slice_normals(series.orientations)
-    main_normal = normals[np.bincount(series.stack_ids).argmax() == series.stack_ids][0]
-    axis = np.array([1.0, 0.0, 0.0]) if abs(main_normal[0]) > 0.7 else main_normal
-    along = series.positions @ axis
-    return (along - along.mean()).astype(np.float32)
-
-
-def crop_2p5d(volume, series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False):
-    """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
-
-    volume: the series' volume (D, H, W), already normalised; (col, row) in its pixels. Neighbours are
-    clamped at the stack's ends. Each slice is sampled with its own pixel spacing, so the crop covers the
-    same millimetres whatever the resolution. reverse flips the slice order (a right foramen seen from the
-    side mirrors a left one in the through-plane direction).
-    """
-    depth, height, width = volume.shape
-    centre = int(np.clip(round(float(slice_index)), 0, depth - 1))
-    half = n_slices // 2
-    stack = np.flatnonzero(series.stack_ids == series.stack_ids[centre])
-    picks = np.clip(np.arange(centre - half, centre + half + 1), stack.min(), stack.max())
-    if reverse:
-        picks = picks[::-1].copy()
-    spacing = series.pixel_spacing[picks]  # (S, 2) [row, col] mm
-    steps = (np.arange(out_px) + 0.5) / out_px - 0.5  # (out_px,) fractions of the crop, pixel centres
-    cols = col + steps[None, :] * size_mm / spacing[:, 1:2]  # (S, out_px) volume columns
-    rows = row + steps[None, :] * size_mm / spacing[:, 0:1]
-    grid_x = torch.as_tensor((2 * cols + 1) / width - 1, dtype=torch.float32)[:, None, :].expand(-1, out_px, -1)
-    grid_y = torch.as_tensor((2 * rows + 1) / height - 1, dtype=torch.float32)[:, :, None].expand(-1, -1, out_px)
-    grid = torch.stack([grid_x, grid_y], dim=-1)  # (S, out_px, out_px, 2)
-    images = torch.as_tensor(volume[picks], dtype=torch.float32)[:, None]
-    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+def series_of_type(study, series_type):
+    """The StudySeries of one type in a study {series_id: StudySeries}, in the order they were listed."""
+    return [loaded for loaded in study.values() if loaded.series_type == series_type]

@@ -1,4 +1,4 @@
-"""Training losses and the exact competition metric.
+"""Training losses, the exact competition metric, and landmark error summaries.
 
     score = competition_score(solution_frame, submission_frame)   # as the RSNA 2024 host scores it
     loss = weighted_cross_entropy(logits, targets)                 # (N, 3), (N,) with -1 = no label
@@ -9,14 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import data
-from data import LABEL_COLUMNS, MISSING, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
+from data import GROUP_CONDITIONS, LABEL_COLUMNS, MISSING, N_LABELS, N_SEVERITIES, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
 
 EPS = np.finfo(np.float64).eps  # the host clips probabilities to [eps, 1 - eps]
-METRIC_GROUPS = {  # the three pooled row groups of the metric
-    "spinal": ["spinal_canal_stenosis"],
-    "foraminal": ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"],
-    "subarticular": ["left_subarticular_stenosis", "right_subarticular_stenosis"],
-}
+PROBABILITY_FLOOR = 1e-4  # our submitted probabilities stay inside [floor, 1 - floor]: one confident miss costs <= 9.2
 
 
 def _weighted_log_loss(true_index, probabilities, weights):
@@ -73,7 +69,7 @@ def condition_group_losses(solution, submission):
     truth, predicted, weights = _aligned(solution, submission)
     targets = truth["target"].to_numpy()
     out = {}
-    for name, conditions in METRIC_GROUPS.items():
+    for name, conditions in GROUP_CONDITIONS.items():
         rows = truth["condition"].isin(conditions).to_numpy()
         out[name] = _weighted_log_loss(targets[rows], predicted[rows], weights[rows])
     spinal = truth.assign(severe=predicted[:, 2], weight=weights)[truth["condition"] == "spinal_canal_stenosis"]
@@ -106,9 +102,15 @@ def labels_to_solution(study_ids, labels):
 def probabilities_to_submission(study_ids, probabilities):
     """(N,) study ids and (N, 25, 3) probabilities -> a sample_submission.csv-shaped DataFrame, 25 rows a study."""
     row_ids = [f"{int(s)}_{column}" for s in study_ids for column in LABEL_COLUMNS]
-    frame = pd.DataFrame(np.asarray(probabilities, np.float64).reshape(-1, 3), columns=SUBMISSION_COLUMNS)
+    frame = pd.DataFrame(np.asarray(probabilities, np.float64).reshape(-1, N_SEVERITIES), columns=SUBMISSION_COLUMNS)
     frame.insert(0, "row_id", row_ids)
     return frame
+
+
+def finalise(probabilities, floor=PROBABILITY_FLOOR):
+    """Clip away from 0 and 1 and renormalise: a submitted row is never 0, 1, or non-finite (NaN rows -> 1/3 each)."""
+    clipped = np.clip(np.nan_to_num(probabilities, nan=1 / 3), floor, 1 - floor)
+    return clipped / clipped.sum(-1, keepdims=True)
 
 
 def weighted_prior(labels, smoothing=0.0):
@@ -137,9 +139,12 @@ def weighted_cross_entropy(logits, targets, label_smoothing=0.0):
     return (per_row * row_weights).sum() / row_weights.sum().clamp(min=1e-8)
 
 
-def any_severe_loss(spinal_logits, spinal_targets):
-    """The metric's any_severe_spinal term: spinal_logits (B, 5, 3), targets (B, 5). Weighted binary log loss
-    of max over levels of p(severe) against 'any level Severe', weight = the worst labelled row's weight."""
+def any_severe_loss(logits, targets):
+    """The metric's any_severe_spinal term from per-study rows: logits (B * 25, 3), targets (B * 25,) in LABEL_COLUMNS
+    order. Weighted binary log loss of max over the spinal levels of p(severe) against 'any level Severe',
+    weight = the worst labelled row's weight."""
+    spinal_logits = logits.view(-1, N_LABELS, N_SEVERITIES)[:, data.SPINAL_COLUMNS]  # (B, 5, 3)
+    spinal_targets = targets.view(-1, N_LABELS)[:, data.SPINAL_COLUMNS]
     severe = spinal_logits.float().softmax(-1)[..., 2].max(dim=1).values.clamp(EPS, 1 - EPS)
     labelled = spinal_targets != MISSING
     worst = torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
@@ -184,3 +189,27 @@ def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
     kl = (flat_target * (flat_target.clamp(min=1e-12).log() - log_prob)).sum(-1)  # (B, K)
     labelled = ~torch.isnan(targets[..., 0]).to(logits.device)
     return (kl * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+# -----------------------------------------------------------------------------
+# landmark errors
+
+
+def point_errors(series, predicted, targets):
+    """In-plane error in mm (on the true slice's spacing) and absolute slice error, for labelled points.
+
+    predicted, targets: (K, 3) [slice, col, row] in the series' volume pixels; NaN rows of targets are skipped.
+    """
+    labelled = np.isfinite(targets).all(axis=1)
+    spacing = series.pixel_spacing[targets[labelled, 0].astype(int)]  # (n, 2) [row, col]
+    delta = (predicted[labelled, 1:] - targets[labelled, 1:]) * spacing[:, ::-1]
+    return np.hypot(delta[:, 0], delta[:, 1]), np.abs(predicted[labelled, 0] - targets[labelled, 0])
+
+
+def summarise_errors(mm, slices):
+    """{median_mm, p90_mm, slice_exact, slice_within1} of per-point errors (NaN when there are none)."""
+    mm, slices = np.asarray(mm, np.float64), np.asarray(slices, np.float64)
+    if len(mm) == 0:
+        return dict(median_mm=float("nan"), p90_mm=float("nan"), slice_exact=float("nan"), slice_within1=float("nan"))
+    return dict(median_mm=float(np.median(mm)), p90_mm=float(np.percentile(mm, 90)),
+                slice_exact=float(np.mean(slices < 0.5)), slice_within1=float(np.mean(slices < 1.5)))

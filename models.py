@@ -1,8 +1,15 @@
-"""The two networks, both on torchvision ResNet-18 pieces (randomly initialised unless --pretrained is given).
+"""The two networks (torchvision ResNet-18 pieces, randomly initialised unless --pretrained is given), and running
+them on a study: checkpoints -> landmarks -> graded crops.
 
-    net = LandmarkNet(n_points=5)           # (B, D, 2, H, W) slices + offset channel -> (B, K, D, H/2, W/2) logits
-    net = SeverityNet(n_heads=3)            # (B, S, 1, C, C) crops -> (B, 3) logits for the chosen head
+    >>> import torch
+    >>> LandmarkNet(n_points=5)(torch.zeros(1, 7, 2, 64, 64)).shape   # (B, D, 2, H, W) -> (B, K, D, H/2, W/2)
+    torch.Size([1, 5, 7, 32, 32])
+    >>> SeverityNet(n_slices=5)(torch.zeros(4, 5, 48, 48), torch.tensor([0, 1, 2, 2])).shape   # crops, groups
+    torch.Size([4, 3])
 """
+import json
+import os
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -10,6 +17,7 @@ import torch.nn.functional as F
 import torchvision
 
 import data
+import inputs
 
 
 def resnet18_trunk(in_channels, pretrained_path=None):
@@ -72,11 +80,11 @@ class LandmarkNet(nn.Module):
 class SeverityNet(nn.Module):
     """2.5D grading: a per-slice CNN, attention pooling over the slices, one 3-logit head per condition group.
 
-    Input crops (B, S, C, C) and the condition group of each crop (B,) (0 canal, 1 foraminal,
-    2 subarticular); right-side crops arrive mirrored onto the left, so both sides share the head.
+    Input crops (B, S, C, C) and the condition group of each crop (B,) (an index into data.GROUPS); right-side
+    crops arrive mirrored onto the left, so both sides share the head.
     """
 
-    def __init__(self, n_slices, n_groups=3, pretrained_path=None, width=256):
+    def __init__(self, n_slices, n_groups=len(data.GROUPS), pretrained_path=None, width=256):
         super().__init__()
         trunk = resnet18_trunk(1, pretrained_path)
         self.encoder = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool, trunk.layer1, trunk.layer2,
@@ -84,7 +92,7 @@ class SeverityNet(nn.Module):
         self.slice_embedding = nn.Parameter(torch.zeros(n_slices, width))  # where in the 2.5D stack a slice is
         self.group_embedding = nn.Embedding(n_groups, width)
         self.attention = nn.Linear(width, 1)
-        self.heads = nn.Linear(width, 3 * n_groups)
+        self.heads = nn.Linear(width, data.N_SEVERITIES * n_groups)
 
     def forward(self, crops, groups):
         batch, n_slices = crops.shape[:2]
@@ -92,7 +100,7 @@ class SeverityNet(nn.Module):
         features = features + self.slice_embedding + self.group_embedding(groups)[:, None]
         weights = self.attention(torch.tanh(features)).softmax(dim=1)  # (B, S, 1)
         pooled = (weights * features).sum(dim=1)  # (B, 256)
-        logits = self.heads(pooled).view(batch, -1, 3)  # (B, groups, 3)
+        logits = self.heads(pooled).view(batch, -1, data.N_SEVERITIES)  # (B, groups, 3)
         return logits[torch.arange(batch, device=crops.device), groups]  # (B, 3)
 
 
@@ -124,3 +132,151 @@ def heat_to_volume(points, heat_hw, volume_hw):
     out = np.array(points, dtype=np.float64)
     out[..., 1:] = data.to_original(out[..., 1:], volume_hw, heat_hw)
     return out
+
+
+# -----------------------------------------------------------------------------
+# running the landmark networks on a series
+
+
+@torch.no_grad()
+def predict_sagittal(model, series, image_size, device):
+    """All points of a sagittal series -> (K, 3) [slice, col, row] in volume pixels and (K,) confidence."""
+    x = inputs.sagittal_input(inputs.sagittal_slices(series, image_size), series)[None].to(device)  # (1, D, 2, S, S)
+    logits = model(x).float()
+    points, confidence = decode_heatmaps(logits, torch.ones(1, x.shape[1], dtype=torch.bool))
+    return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence[0].numpy()
+
+
+@torch.no_grad()
+def predict_axial(model, series, slice_index, image_size, device):
+    """Left and right recess on one axial slice -> (2, 2) [col, row] in volume pixels and (2,) confidence."""
+    image = inputs.axial_image(series, slice_index, image_size)
+    x = inputs.axial_input(image, inputs.column_direction(series, slice_index))[None].to(device)  # (1, 1, 2, S, S)
+    logits = model(x).float()
+    points, confidence = decode_heatmaps(logits, torch.ones(1, 1, dtype=torch.bool))
+    return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:])[:, 1:], confidence[0].numpy()
+
+
+def axial_slices_for_levels(axial, level_points_mm):
+    """Axial slice index of each level (-1 where unknown): the slice nearest to that level's point (5, 3) mm."""
+    return [data.series_patient_to_pixel(axial, point)[0] if np.isfinite(point).all() else -1 for point in level_points_mm]
+
+
+def points_mm(series, points):
+    """(K, 3) [slice, col, row] volume pixels -> (K, 3) patient mm (NaN rows stay NaN)."""
+    out = np.full((len(points), 3), np.nan)
+    for k, (d, col, row) in enumerate(points):
+        if np.isfinite([d, col, row]).all():
+            out[k] = data.series_pixel_to_patient(series, d, col, row)
+    return out
+
+
+def landmarks_mm(study, landmarks):
+    """(len(landmarks), 3) patient mm of Landmark records."""
+    return np.array([points_mm(study[lm.series_id].series, [(lm.slice, lm.col, lm.row)])[0] for lm in landmarks])
+
+
+def level_points_mm(study, found):
+    """(5, 3) patient mm of each disc level near the midline, or None: the mean of two independent estimates
+    where both exist, the canal points (Sagittal T2/STIR) and the midpoint of the left and right foramina
+    (Sagittal T1), so one series' craniocaudal slip moves the chosen axial slice only half as far."""
+    estimates = []
+    if all(("spinal_canal_stenosis", lv) in found for lv in data.LEVELS):
+        estimates.append(landmarks_mm(study, [found[("spinal_canal_stenosis", lv)] for lv in data.LEVELS]))
+    sides = [f"{s}_neural_foraminal_narrowing" for s in ("left", "right")]
+    if all((c, lv) in found for c in sides for lv in data.LEVELS):
+        both = [landmarks_mm(study, [found[(c, lv)] for lv in data.LEVELS]) for c in sides]
+        estimates.append((both[0] + both[1]) / 2)
+    return np.mean(estimates, axis=0) if estimates else None
+
+
+def predict_landmarks(landmark_models, study, device):
+    """{(condition, level): data.Landmark} for every point the models find in a study {series_id: StudySeries}."""
+    found = {}
+    for series_type in ("Sagittal T2/STIR", "Sagittal T1"):
+        model, settings = landmark_models.get(data.SERIES_TAGS[series_type], (None, None))
+        for loaded in data.series_of_type(study, series_type)[:1] if model else []:
+            points, confidence = predict_sagittal(model, loaded.series, settings["image_size"], device)
+            for name, point, score in zip(data.POINTS_OF_SERIES[series_type], points, confidence):
+                found[name] = data.Landmark(series_type, loaded.series_id, *point, float(score))
+    model, settings = landmark_models.get("axial", (None, None))
+    level_mm = level_points_mm(study, found)
+    for loaded in data.series_of_type(study, "Axial T2")[:1] if model and level_mm is not None else []:
+        for level, slice_index in zip(data.LEVELS, axial_slices_for_levels(loaded.series, level_mm)):
+            if slice_index < 0:
+                continue
+            plane, confidence = predict_axial(model, loaded.series, slice_index, settings["image_size"], device)
+            for side, (col, row), score in zip(("left", "right"), plane, confidence):
+                found[(f"{side}_subarticular_stenosis", level)] = data.Landmark("Axial T2", loaded.series_id, slice_index,
+                                                                                col, row, float(score))
+    return found
+
+
+# -----------------------------------------------------------------------------
+# grading crops
+
+
+@torch.no_grad()
+def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
+    """(25, 3) mean probabilities of the severity models (NaN rows without a landmark) and the (25,) availability.
+
+    Each model grades crops made with its own checkpoint's settings. shift_mm > 0 also grades crops moved that far
+    along the image's columns and rows (test-time augmentation) and averages.
+    """
+    offsets = [(0.0, 0.0)] + ([(shift_mm, 0.0), (-shift_mm, 0.0), (0.0, shift_mm), (0.0, -shift_mm)] if shift_mm else [])
+    total, count, available = np.zeros((data.N_LABELS, data.N_SEVERITIES)), 0, None
+    for along_col, along_row in offsets:
+        moved = shifted(study, landmarks, along_col, along_row)
+        crops_of = {}  # settings -> crops: models sharing settings share crops
+        for model, settings in severity_models:
+            key = json.dumps(settings, sort_keys=True)
+            if key not in crops_of:
+                crops_of[key] = inputs.study_crops(study, moved, settings)
+            crops, groups, available = crops_of[key]
+            if available.any():
+                logits = model(crops[available].to(device), groups[available].to(device)).float()
+                total[available.numpy()] += logits.softmax(-1).cpu().numpy()
+            count += 1
+    total[~available.numpy()] = np.nan
+    return total / count, available.numpy()
+
+
+def shifted(study, landmarks, along_col_mm, along_row_mm):
+    """Landmarks moved in-plane by the given millimetres (each slice's own pixel spacing)."""
+    if not along_col_mm and not along_row_mm:
+        return landmarks
+    moved = {}
+    for name, lm in landmarks.items():
+        spacing = study[lm.series_id].series.pixel_spacing[int(lm.slice)]
+        moved[name] = lm._replace(col=lm.col + along_col_mm / spacing[1], row=lm.row + along_row_mm / spacing[0])
+    return moved
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def load_landmark_models(folder, device):
+    """{tag: (LandmarkNet, settings)} for every landmarks_<tag>_{best,last}.pt in folder; settings hold the input size."""
+    found = {}
+    for tag in data.SERIES_TAGS.values():
+        path = next((p for p in (os.path.join(folder, f"landmarks_{tag}_{k}.pt") for k in ("best", "last")) if os.path.exists(p)), None)
+        if path is None:
+            continue
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        model = LandmarkNet(checkpoint["settings"]["n_points"]).to(device)
+        model.load_state_dict(checkpoint["model"])
+        found[tag] = (model.eval(), dict(checkpoint["settings"], path=path, args=checkpoint["args"]))
+    return found
+
+
+def load_severity_models(paths, device):
+    """[(SeverityNet, settings)] of severity checkpoints, and the training prior (25, 3) of the first one."""
+    found, prior = [], None
+    for path in paths:
+        checkpoint = torch.load(path, map_location=device, weights_only=False)
+        model = SeverityNet(checkpoint["settings"]["n_slices"]).to(device)
+        model.load_state_dict(checkpoint["model"])
+        found.append((model.eval(), checkpoint["settings"]))
+        prior = np.asarray(checkpoint["prior"]) if prior is None else prior
+    return found, prior

@@ -4,8 +4,8 @@
 
 Training crops sit on the labelled landmarks, jittered in position and slice so that stage-1 errors
 are no surprise. Validation runs twice: on the true landmarks, and through the whole pipeline with the
-landmarks stage 1 predicts (the honest number; needs the landmark checkpoints in --landmark-dir).
-Writes RUN/severity.csv (one row per epoch), RUN/severity_{last,best}.pt, RUN/confusion_*.png.
+landmarks stage 1 predicts (the honest number; needs landmark checkpoints trained on the same fold in
+--landmark-dir). Writes RUN/severity.csv (one row per epoch), RUN/severity_{last,best}.pt, RUN/confusion_*.png.
 """
 import argparse
 import os
@@ -14,16 +14,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import data
-import infer
+import inputs
 import losses
-import train_landmarks as tl
 import training
-from models import SeverityNet
+from models import SeverityNet, grade_study, load_landmark_models, predict_landmarks
 from viz import save_confusion_png
-
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--all-studies", action="store_true", help="train on every study, no validation")
     parser.add_argument("--n-slices", type=int, default=5, help="slices per 2.5D crop (odd)")
     parser.add_argument("--crop-px", type=int, default=48, help="crop side in pixels after resampling")
+    parser.add_argument("--crop-mm", type=float, nargs=len(data.GROUPS), default=[40.0, 40.0, 40.0], metavar="MM",
+                        help=f"crop side in mm per condition group ({', '.join(data.GROUPS)})")
     parser.add_argument("--jitter-mm", type=float, default=7.0, help="max crop-centre jitter in training, mm per axis")
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     # model
@@ -70,52 +69,32 @@ def parse_args(argv=None):
 # studies with their labels and true landmarks
 
 
-def labelled_studies(data_dir):
-    """[{study_id, labels (25,), series: {type: series_dir}, points: {(condition, level): (type, instance, x, y)}}]."""
-    study_ids, labels = data.read_labels(os.path.join(data_dir, "train.csv"))
-    items = {item["series_id"]: item for item in tl.labelled_series(data_dir, "train")}
-    by_study = {}
-    for item in items.values():
-        entry = by_study.setdefault(item["study_id"], dict(series={}, points={}))
-        if item["points"] or item["series_type"] not in entry["series"]:
-            entry["series"][item["series_type"]] = item["series_dir"]  # prefer the series that carries labels
-        for name, (instance, x, y) in item["points"].items():
-            entry["points"][name] = (item["series_type"], instance, x, y)
-    return [dict(study_id=int(s), labels=lab, **by_study.get(int(s), dict(series={}, points={}))) for s, lab in zip(study_ids, labels)]
-
-
 def load_labelled_study(entry, cache_dir):
-    """{series type: (series_id, Series, normalised volume)} of the labelled series, true landmarks in volume pixels."""
+    """A LabelledStudy -> ({series_id: StudySeries}, {(condition, level): Landmark} of its labels in volume pixels).
+
+    Loads every series that carries a label, and the first listed series of a type that carries none (what
+    predicted landmarks would use). A label that does not fit its series is dropped with a warning.
+    """
     study = {}
-    for series_type, series_dir in entry["series"].items():
-        series = data.load_series(series_dir, cache_dir)
-        study[series_type] = (int(os.path.basename(series_dir)), series, data.normalise_volume(series.volume))
+    for item in entry.series:
+        if item.points or not any(s.series_type == item.series_type for s in study.values()):
+            study[item.series_id] = data.StudySeries(item.series_type, item.series_id, data.load_series(item.series_dir, cache_dir))
     landmarks = {}
-    for name, (series_type, instance, x, y) in entry["points"].items():
+    for name, point in entry.points.items():
+        loaded = study[point.series_id]
         try:
-            landmarks[name] = (series_type, *data.label_to_volume(study[series_type][1], instance, x, y))
+            landmarks[name] = data.Landmark(loaded.series_type, point.series_id,
+                                            *data.label_to_volume(loaded.series, point.instance_number, point.x, point.y), 1.0)
         except (KeyError, ValueError) as error:  # that row trains nothing: no crop, label masked
-            warnings.warn(f"{entry['series'][series_type]}: label {name[0]} {name[1]} ignored: {error}")
+            warnings.warn(f"study {entry.study_id} series {point.series_id}: label {name[0]} {name[1]} ignored: {error}")
     return study, landmarks
-
-
-def jitter(study, landmarks, max_mm, max_slices):
-    """Move every landmark by up to max_mm in-plane and max_slices through-plane (stage-1 errors)."""
-    moved = {}
-    for name, (series_type, slice_index, col, row) in landmarks.items():
-        series = study[series_type][1]
-        spacing = series.pixel_spacing[int(slice_index)]
-        d = int(np.clip(slice_index + np.random.randint(-max_slices, max_slices + 1), 0, len(series.volume) - 1))
-        dx, dy = np.random.uniform(-max_mm, max_mm, size=2)
-        moved[name] = (series_type, d, col + dx / spacing[1], row + dy / spacing[0])
-    return moved
 
 
 class StudyCrops(torch.utils.data.Dataset):
     """All 25 crops of a study: crops (25, S, C, C), groups (25,), labels (25,) with MISSING where unusable."""
 
-    def __init__(self, entries, args, augment):
-        self.entries, self.args, self.augment = entries, args, augment
+    def __init__(self, entries, settings, args, augment):
+        self.entries, self.settings, self.args, self.augment = entries, settings, args, augment
 
     def __len__(self):
         return len(self.entries)
@@ -124,11 +103,11 @@ class StudyCrops(torch.utils.data.Dataset):
         entry = self.entries[index]
         study, landmarks = load_labelled_study(entry, self.args.cache_dir)
         if self.augment:
-            landmarks = jitter(study, landmarks, self.args.jitter_mm, self.args.slice_jitter)
-        crops, groups, available = infer.study_crops(study, landmarks, self.args.n_slices, self.args.crop_px)
+            landmarks = inputs.jitter_landmarks(study, landmarks, self.args.jitter_mm, self.args.slice_jitter)
+        crops, groups, available = inputs.study_crops(study, landmarks, self.settings)
         if self.augment:
-            crops = tl.random_intensity(crops.flatten(0, 1)).view_as(crops)
-        labels = torch.as_tensor(entry["labels"]).masked_fill(~available, data.MISSING)
+            crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
+        labels = torch.as_tensor(entry.labels).masked_fill(~available, data.MISSING)
         return crops, groups, labels, index
 
 
@@ -142,151 +121,181 @@ def collate_studies(batch):
 
 
 @torch.no_grad()
-def predict_entries(model, entries, args, device, landmark_models=None):
+def predict_entries(model, settings, prior, entries, cache_dir, device, landmark_models=None):
     """(N, 25, 3) probabilities: on true landmarks, or on stage-1 predictions when landmark_models is given."""
     model.eval()
-    out = np.zeros((len(entries), len(data.LABEL_COLUMNS), 3))
+    out = np.broadcast_to(prior, (len(entries),) + prior.shape).copy()
     for i, entry in enumerate(entries):
-        study, landmarks = load_labelled_study(entry, args.cache_dir)
+        study, landmarks = load_labelled_study(entry, cache_dir)
         if landmark_models is not None:
-            landmarks = infer.predict_landmarks(landmark_models, study, device)
-        crops, groups, available = infer.study_crops(study, landmarks, args.n_slices, args.crop_px)
-        out[i] = args.prior
-        if available.any():
-            out[i, available.numpy()] = infer.grade([model], crops[available], groups[available], device)
+            landmarks = predict_landmarks(landmark_models, study, device)
+        graded, available = grade_study([(model, settings)], study, landmarks, device)
+        out[i, available] = graded[available]
     model.train()
     return out
 
 
-def evaluate(model, entries, args, device, landmark_models=None):
-    """{score, val_loss_spinal, val_loss_foraminal, val_loss_subarticular, val_loss_any_severe_spinal}."""
-    probabilities = predict_entries(model, entries, args, device, landmark_models)
-    study_ids = [e["study_id"] for e in entries]
-    solution = losses.labels_to_solution(study_ids, np.stack([e["labels"] for e in entries]))
-    submission = losses.probabilities_to_submission(study_ids, infer.finalise(probabilities))
-    terms = losses.condition_group_losses(solution, submission)
+def evaluate(model, settings, prior, entries, args, device, landmark_models=None):
+    """({score, val_loss_spinal, val_loss_foraminal, val_loss_subarticular, val_loss_any_severe_spinal}, probabilities)."""
+    probabilities = predict_entries(model, settings, prior, entries, args.cache_dir, device, landmark_models)
+    study_ids = [e.study_id for e in entries]
+    solution = losses.labels_to_solution(study_ids, np.stack([e.labels for e in entries]))
+    terms = losses.condition_group_losses(solution, losses.probabilities_to_submission(study_ids, losses.finalise(probabilities)))
     return dict(score=float(np.mean(list(terms.values()))), **{f"val_loss_{k}": v for k, v in terms.items()}), probabilities
 
 
 def confusion_matrices(entries, probabilities):
     """{group: (3, 3) counts [true, predicted]} over labelled rows."""
-    labels = np.stack([e["labels"] for e in entries])
+    labels = np.stack([e.labels for e in entries])
     predicted = probabilities.argmax(-1)
     out = {}
-    for name, conditions in losses.METRIC_GROUPS.items():
-        columns = [j for j, c in enumerate(data.LABEL_COLUMNS) if any(c.startswith(x) for x in conditions)]
+    for name, conditions in data.GROUP_CONDITIONS.items():
+        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
         truth, guess = labels[:, columns].ravel(), predicted[:, columns].ravel()
         keep = truth != data.MISSING
-        out[name] = np.bincount(truth[keep] * 3 + guess[keep], minlength=9).reshape(3, 3)
+        out[name] = np.bincount(truth[keep] * data.N_SEVERITIES + guess[keep], minlength=data.N_SEVERITIES ** 2).reshape(
+            data.N_SEVERITIES, data.N_SEVERITIES)
     return out
+
+
+def honest_landmark_models(args, device):
+    """The landmark models for the honest validation, or {} with a loud warning when there are none.
+
+    Refuses checkpoints that saw this fold's studies (--all-studies, or another fold or fold count): their
+    landmarks on the validation studies would be better than on unseen ones, and the score optimistic.
+    """
+    folder = args.landmark_dir or args.out_dir
+    landmark_models = load_landmark_models(folder, device)
+    if not landmark_models:
+        warnings.warn(f"NO HONEST VALIDATION: no landmark checkpoints (landmarks_<type>_best.pt) in {folder}; only the "
+                      "score on true landmarks will be reported. Train train_landmarks.py on the same fold first.")
+    for tag, (_, settings) in landmark_models.items():
+        trained = settings["args"]
+        if trained.get("all_studies") or (trained.get("fold"), trained.get("n_folds")) != (args.fold, args.n_folds):
+            split = "--all-studies" if trained.get("all_studies") else f"fold {trained.get('fold')} of {trained.get('n_folds')}"
+            raise ValueError(f"{settings['path']}: trained on {split}, so it has seen validation studies of fold {args.fold} of "
+                             f"{args.n_folds}: the honest validation would be optimistic. Train the landmarks with --fold "
+                             f"{args.fold} --n-folds {args.n_folds}, or pass --all-studies to train_severity.py.")
+    return landmark_models
+
+
+def final_validation(model, settings, prior, entries, landmark_models, args, device):
+    """Validation of the best checkpoint on true and on predicted landmarks (the honest number), with confusion PNGs."""
+    best = torch.load(os.path.join(args.out_dir, "severity_best.pt"), map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    true_metrics, _ = evaluate(model, settings, prior, entries, args, device)
+    print(f"validation score on true landmarks {true_metrics['score']:.4f}")
+    if not landmark_models:
+        print(f"NO HONEST VALIDATION: no landmark checkpoints in {args.landmark_dir or args.out_dir}")
+        return dict(true_landmarks=true_metrics)
+    honest, probabilities = evaluate(model, settings, prior, entries, args, device, landmark_models)
+    matrices = confusion_matrices(entries, probabilities)
+    save_confusion_png(os.path.join(args.out_dir, "confusion_predicted_landmarks.png"), matrices)
+    for name, matrix in matrices.items():
+        print(f"confusion {name} (rows true N/M/S, columns predicted):\n{matrix}")
+    print(f"validation score on predicted landmarks {honest['score']:.4f} (the honest number)")
+    return dict(true_landmarks=true_metrics, predicted_landmarks=honest)
 
 
 # -----------------------------------------------------------------------------
 # training
 
 
+def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args, runtime):
+    """One pass over the loader -> (step after it, lr, mean loss, seconds waiting for data, seconds)."""
+    started, batch_losses, waited = time.time(), [], 0.0
+    lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # defined even when the loader is empty
+    fetch_start = time.time()
+    for batch_index, (crops, groups, labels, indices) in enumerate(loader):
+        if batch_index >= steps_per_epoch:
+            break
+        waited += time.time() - fetch_start
+        lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
+        training.set_lr(optimizer, lr)
+        crops, groups, labels = (t.to(runtime.device, non_blocking=True) for t in (crops, groups, labels))
+        with ctx:
+            logits = model(crops, groups)  # (B * 25, 3)
+        loss = losses.weighted_cross_entropy(logits, labels, 0.0 if args.overfit_batches else args.label_smoothing)
+        if args.any_severe_weight:
+            loss = loss + args.any_severe_weight * losses.any_severe_loss(logits, labels)
+        if not torch.isfinite(loss):
+            studies = [loader.dataset.entries[i].study_id for i in indices.tolist()]
+            raise FloatingPointError(f"severity: non-finite loss at step {step} (epoch {epoch}), studies {studies}")
+        training.optimizer_step(loss, optimizer, scaler)
+        batch_losses.append(loss.item())
+        step += 1
+        if runtime.rank == 0:
+            training.print_progress("severity", epoch, args.epochs, batch_index, steps_per_epoch, batch_losses, lr, started,
+                                    total_steps - step)
+        fetch_start = time.time()
+    mean_loss = float(np.mean(batch_losses)) if batch_losses else float("nan")
+    return step, lr, mean_loss, waited, time.time() - started
+
+
+def split_entries(entries, args):
+    """Train and validation studies by fold (none for validation with --all-studies or --overfit-batches)."""
+    folds = data.assign_folds([e.study_id for e in entries], args.n_folds, seed=0)
+    train_entries = [e for e in entries if args.all_studies or folds[e.study_id] != args.fold]
+    val_entries = [] if args.all_studies or args.overfit_batches else [e for e in entries if folds[e.study_id] == args.fold]
+    if args.dry_run:
+        return train_entries[:4], val_entries[:2]
+    return train_entries, val_entries
+
+
 def main(argv=None):
     args = parse_args(argv)
-    args.rank, args.world_size, device = training.setup_distributed(args.device)
-    main_process = args.rank == 0  # logs, checkpoints, validation and printing happen once
+    runtime = training.setup_distributed(args.device)
+    main_process = runtime.rank == 0  # logs, checkpoints, validation and printing happen once
     os.makedirs(args.out_dir, exist_ok=True)
     if main_process:
         training.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    entries = labelled_studies(args.data_dir)
-    folds = data.assign_folds([e["study_id"] for e in entries], args.n_folds, seed=0)
-    train_entries = [e for e in entries if args.all_studies or folds[e["study_id"]] != args.fold]
-    val_entries = [] if args.all_studies or args.overfit_batches else [e for e in entries if folds[e["study_id"]] == args.fold]
-    if args.dry_run:
-        train_entries, val_entries = train_entries[:4], val_entries[:2]
-    args.prior = losses.weighted_prior(np.stack([e["labels"] for e in train_entries]), smoothing=1.0)  # (25, 3) fallback rows
-    landmark_models = infer.load_landmark_models(args.landmark_dir or args.out_dir, device) if val_entries else {}
+    train_entries, val_entries = split_entries(data.labelled_studies(args.data_dir), args)
+    if not train_entries:
+        raise ValueError(f"{args.data_dir}: no training studies (fold {args.fold} of {args.n_folds} holds them all)")
+    prior = losses.weighted_prior(np.stack([e.labels for e in train_entries]), smoothing=1.0)  # (25, 3) fallback rows
+    landmark_models = honest_landmark_models(args, runtime.device) if val_entries and main_process else {}
+    settings = dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))  # inference rebuilds crops from these
 
-    dataset = StudyCrops(train_entries, args, augment=not args.overfit_batches)
-    loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args)
+    dataset = StudyCrops(train_entries, settings, args, augment=not args.overfit_batches)
+    loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args, runtime)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
-    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(device)
-    train_model = training.wrap_for_training(model, args.world_size, device)
+    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(runtime.device)
+    train_model = training.wrap_for_training(model, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ctx, scaler = training.autocast_context(device, args.amp)
+    ctx, scaler = training.autocast_context(runtime.device, args.amp)
     last_path, best_path = (os.path.join(args.out_dir, f"severity_{k}.pt") for k in ("last", "best"))
-    start_epoch, step, best = 0, 0, float("inf")
-    if args.resume and os.path.exists(last_path):
-        checkpoint = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step, best = checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
-        print(f"severity: resumed after epoch {checkpoint['epoch']} (step {step})")
+    start_epoch, step, best = training.resume(last_path, model, optimizer, runtime.device, "severity") if args.resume else (0, 0, float("inf"))
     log = training.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
     if main_process:
         print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
-    settings = dict(n_slices=args.n_slices, crop_px=args.crop_px)
     row = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
             break
-        started, batch_losses, waited, fetch_start = time.time(), [], 0.0, time.time()
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        for batch_index, (crops, groups, labels, indices) in enumerate(loader):
-            if batch_index >= steps_per_epoch:
-                break
-            waited += time.time() - fetch_start
-            lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            crops, groups, labels = (t.to(device, non_blocking=True) for t in (crops, groups, labels))
-            with ctx:
-                logits = train_model(crops, groups)  # (B*25, 3)
-            loss = losses.weighted_cross_entropy(logits, labels, 0.0 if args.overfit_batches else args.label_smoothing)
-            if args.any_severe_weight:
-                spinal = logits.view(-1, 25, 3)[:, :5]
-                loss = loss + args.any_severe_weight * losses.any_severe_loss(spinal, labels.view(-1, 25)[:, :5])
-            if not torch.isfinite(loss):
-                studies = [train_entries[i]["study_id"] for i in indices.tolist()]
-                raise FloatingPointError(f"severity: non-finite loss at step {step} (epoch {epoch}), studies {studies}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            batch_losses.append(loss.item())
-            step += 1
-            rate = (batch_index + 1) / (time.time() - started)
-            if main_process:
-                print(f"\rseverity epoch {epoch + 1}/{args.epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(batch_losses):.4f} "
-                      f"lr {lr:.2e} {rate:.2f} it/s eta {(total_steps - step) / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
-            fetch_start = time.time()
+        step, lr, train_loss, waited, seconds = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
+                                                            steps_per_epoch, args, runtime)
         if not main_process:
             continue
         print()
-        metrics = evaluate(model, val_entries, args, device)[0] if val_entries else {}
-        row = dict(epoch=epoch, step=step, lr=lr, train_loss=float(np.mean(batch_losses)), **metrics,
-                   data_wait=waited / max(time.time() - started, 1e-9), seconds=time.time() - started)
+        metrics = evaluate(model, settings, prior, val_entries, args, runtime.device)[0] if val_entries else {}
+        row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics, data_wait=waited / max(seconds, 1e-9), seconds=seconds)
         log.write(row)
-        print("  " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
-        score = metrics.get("score", row["train_loss"])
-        checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), n_slices=args.n_slices,
-                          settings=settings, prior=args.prior, epoch=epoch, step=step, best=min(best, score))
+        training.print_row(row)
+        score = metrics.get("score", train_loss)
+        checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), settings=settings,
+                          prior=prior.tolist(), epoch=epoch, step=step, best=min(best, score))
         training.save_checkpoint(last_path, checkpoint)
         if score <= best:
             best = score
             training.save_checkpoint(best_path, checkpoint)
-    if args.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    if main_process and val_entries and landmark_models:
-        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=False)["model"])
-        true_metrics, _ = evaluate(model, val_entries, args, device)
-        honest, probabilities = evaluate(model, val_entries, args, device, landmark_models)
-        matrices = confusion_matrices(val_entries, probabilities)
-        save_confusion_png(os.path.join(args.out_dir, "confusion_predicted_landmarks.png"), matrices)
-        for name, matrix in matrices.items():
-            print(f"confusion {name} (rows true N/M/S, columns predicted):\n{matrix}")
-        print(f"validation score on true landmarks {true_metrics['score']:.4f}, on predicted landmarks {honest['score']:.4f} "
-              f"(the honest number)")
-        return dict(true_landmarks=true_metrics, predicted_landmarks=honest)
+    training.end_distributed(runtime)
+    if main_process and val_entries:
+        return final_validation(model, settings, prior, val_entries, landmark_models, args, runtime.device)
     return row
 
 

@@ -1,12 +1,14 @@
 """Training plumbing shared by train_landmarks.py and train_severity.py: device and precision, the
-learning-rate schedule, atomic checkpoints, the CSV log, and torchrun (DistributedDataParallel) set-up.
+learning-rate schedule, atomic checkpoints and resume, the CSV log, and torchrun (DistributedDataParallel) set-up.
 
-    rank, world_size, device = setup_distributed("auto")   # (0, 1, device) without torchrun
+    runtime = setup_distributed("auto")     # Runtime(rank=0, world_size=1, device) without torchrun
     lr = get_lr(step, total_steps, warmup_steps, peak_lr)   # a pure function of the step
 """
 import json
 import math
 import os
+import time
+from collections import namedtuple
 
 import numpy as np
 import pandas as pd
@@ -20,24 +22,36 @@ def resolve_device(name):
     return torch.device(name)
 
 
+# this process under torchrun (rank 0 logs, validates and saves), or the only one
+Runtime = namedtuple("Runtime", "rank world_size device")
+
+
 def setup_distributed(device_name):
-    """(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA, gloo on CPU) and
-    each process takes its own GPU; without torchrun this is (0, 1, the plain device)."""
+    """Runtime(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA, gloo on CPU)
+    and each process takes its own GPU; without torchrun this is Runtime(0, 1, the plain device)."""
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
-        return 0, 1, device
+        return Runtime(0, 1, device)
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
-def wrap_for_training(model, world_size, device):
+def end_distributed(runtime):
+    """Wait for every process, then take the process group down (torchrun only)."""
+    if runtime.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_for_training(model, runtime):
     """DistributedDataParallel under torchrun (gradients averaged across processes), else the model itself."""
-    if world_size == 1:
+    if runtime.world_size == 1:
         return model
+    device = runtime.device
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
@@ -57,11 +71,45 @@ def get_lr(step, total_steps, warmup_steps, peak_lr):
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def optimizer_step(loss, optimizer, scaler):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename: a kill while saving never leaves a broken checkpoint."""
     temporary = path + ".tmp"
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
+
+
+def resume(path, model, optimizer, device, name):
+    """(first epoch, step, best score) to continue from the checkpoint at path; (0, 0, inf) when there is none."""
+    if not os.path.exists(path):
+        return 0, 0, float("inf")
+    checkpoint = torch.load(path, map_location=device, weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    print(f"{name}: resumed after epoch {checkpoint['epoch']} (step {checkpoint['step']})")
+    return checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
+
+
+def print_progress(name, epoch, epochs, batch_index, steps_per_epoch, losses, lr, started, steps_left):
+    """One self-overwriting console line: epoch, step, running loss, lr, speed and time left."""
+    rate = (batch_index + 1) / max(time.time() - started, 1e-9)
+    print(f"\r{name} epoch {epoch + 1}/{epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(losses):.4f} "
+          f"lr {lr:.2e} {rate:.2f} it/s eta {steps_left / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
+
+
+def print_row(row):
+    print("  " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
 
 class CsvLog:
@@ -81,7 +129,7 @@ class CsvLog:
 
 
 def save_args(out_dir, script, args):
-    """Print the flags and keep them in RUN/args.json under the script's name (both stages share a run)."""
+    """Print the flags and keep them in RUN/args.json under the script's name (the stages share a run folder)."""
     print(json.dumps(vars(args)))
     path = os.path.join(out_dir, "args.json")
     saved = json.load(open(path)) if os.path.exists(path) else {}
@@ -94,11 +142,11 @@ def seed_worker(worker_id):
     np.random.seed(torch.initial_seed() % 2**32)
 
 
-def distributed_loader(dataset, batch_size, shuffle, collate_fn, args):
+def distributed_loader(dataset, batch_size, shuffle, collate_fn, args, runtime):
     """A DataLoader; under torchrun each process reads its own share (DistributedSampler, reshuffled per epoch)."""
     sampler = None
-    if args.world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, args.world_size, args.rank, shuffle=shuffle, seed=args.seed)
+    if runtime.world_size > 1:
+        sampler = torch.utils.data.DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=shuffle, seed=args.seed)
         shuffle = False
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn,
                                        num_workers=args.num_workers, worker_init_fn=seed_worker,

@@ -6,7 +6,7 @@
 import numpy as np
 from PIL import Image, ImageDraw
 
-import data
+import inputs
 
 
 def write_overlay(path, series, targets, predicted, names):
@@ -14,7 +14,7 @@ def write_overlay(path, series, targets, predicted, names):
     slices = sorted({int(t[0]) for t in targets if np.isfinite(t).all()} | {int(p[0]) for p in predicted if np.isfinite(p).all()})[:4]
     panels = []
     for d in slices:
-        image = data.normalise_volume(series.volume[d]).clip(0, 1) * 255
+        image = inputs.normalise(series.volume[d]).clip(0, 1) * 255
         zoom = max(1, int(np.ceil(320 / image.shape[1])))  # small frames are enlarged so the labels stay legible
         panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
         draw = ImageDraw.Draw(panel)

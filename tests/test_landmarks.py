@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import data
+import inputs
 import losses
 import models
-import train_landmarks as tl
 import training
 
 
@@ -30,7 +30,7 @@ def test_axial_flip_moves_points_with_the_image_and_keeps_their_side():
     image[0, 3, 2] = 1.0  # the patient's left recess, at col 2 (columns run toward the patient's left: direction +1)
     image[0, 6, 15] = 2.0  # the right recess
     targets = np.array([[0, 2.0, 3.0], [0, 15.0, 6.0]], dtype=np.float32)  # [slice, col, row]: left, then right
-    flipped, moved, direction = tl.mirror_axial(image, targets, 1.0)
+    flipped, moved, direction = inputs.mirror_axial(image, targets, 1.0)
     assert direction == -1.0
     for (d, col, row), value in zip(moved, (1.0, 2.0)):  # each label still sits on its own recess
         assert flipped[int(d), int(row), int(col)] == value
@@ -41,7 +41,7 @@ def test_random_affine_moves_points_with_the_image():
     np.random.seed(1)
     volume = torch.zeros(2, 64, 64)
     volume[:, 20:23, 40:43] = 1.0  # a blob centred on col 41, row 21
-    warped, moved = tl.random_affine(volume, np.array([[41.0, 21.0]]))
+    warped, moved = inputs.random_affine(volume, np.array([[41.0, 21.0]]))
     rows, cols = np.nonzero(warped[0].numpy() > 0.3)
     weights = warped[0].numpy()[rows, cols]
     centre = [np.average(cols, weights=weights), np.average(rows, weights=weights)]

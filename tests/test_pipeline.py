@@ -139,3 +139,63 @@ def test_training_under_torchrun_with_two_gloo_processes_matches_one_process(tin
                                                     "--series-types", "sag_t2", "--epochs", "1", "--image-size", "48",
                                                     "--overlays", "0"] + out("landmarks"), 2)
     assert landmark_log.count("sag_t2: ") == 1 and len(pd.read_csv(tmp_path / "landmarks" / "landmarks_sag_t2.csv")) == 1
+
+
+def test_a_series_type_without_labels_is_skipped_with_a_warning_not_a_crash(tiny, tmp_path):
+    import shutil
+    copy = tmp_path / "no_axial_labels"
+    shutil.copytree(tiny, copy, ignore=shutil.ignore_patterns("cache"))
+    coordinates = pd.read_csv(copy / "train_label_coordinates.csv")
+    coordinates[~coordinates["condition"].str.contains("Subarticular")].to_csv(copy / "train_label_coordinates.csv", index=False)
+    with pytest.warns(UserWarning, match="axial: no labelled Axial T2 series to train on"):
+        train_landmarks.main(_common(copy, tmp_path / "run") + ["--series-types", "axial", "--epochs", "1", "--image-size", "48"])
+    assert not (tmp_path / "run" / "landmarks_axial_last.pt").exists()
+
+
+def test_honest_validation_says_loudly_when_it_cannot_run_and_refuses_landmarks_that_saw_the_fold(tiny, trained, tmp_path):
+    flags = ["--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2"]
+    with pytest.warns(UserWarning, match="NO HONEST VALIDATION: no landmark checkpoints"):
+        result = train_severity.main(_common(tiny, tmp_path / "alone") + flags)
+    assert "predicted_landmarks" not in result and "true_landmarks" in result
+    seen = tmp_path / "seen"
+    train_landmarks.main(_common(tiny, seen) + ["--series-types", "sag_t2", "--epochs", "1", "--dry-run", "--image-size", "48",
+                                                "--all-studies", "--overlays", "0"])
+    with pytest.raises(ValueError, match="trained on --all-studies, so it has seen validation studies of fold 0"):
+        train_severity.main(_common(tiny, tmp_path / "a") + flags + ["--landmark-dir", str(seen)])
+    with pytest.raises(ValueError, match="trained on fold 0 of 5, so it has seen validation studies of fold 1"):
+        train_severity.main(_common(tiny, tmp_path / "b") + flags + ["--landmark-dir", str(trained), "--fold", "1"])
+
+
+def test_inference_only_recipe_runs_with_just_the_files_the_readme_lists(tiny, trained, tmp_path):
+    import re
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme = open(os.path.join(root, "README.md")).read()
+    files = re.search(r"^cp ((?:\w+\.py )+)code/$", readme, flags=re.M).group(1).split()
+    assert "infer.py" in files and "train_landmarks.py" not in files and "train_severity.py" not in files
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in files:
+        shutil.copy(os.path.join(root, name), code / name)
+    command = [sys.executable, str(code / "infer.py"), "--data-dir", str(tiny), "--out-dir", str(tmp_path / "out"),
+               "--cache-dir", str(tmp_path / "cache"), "--landmark-dir", str(trained),
+               "--severity-checkpoints", str(trained / "severity_last.pt")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_complete(pd.read_csv(tmp_path / "out" / "submission.csv"), tiny)
+
+
+def test_an_epoch_with_no_step_returns_its_learning_rate_instead_of_crashing():
+    import torch
+    import training
+    args = train_severity.parse_args(["--data-dir", "x", "--out-dir", "y", "--epochs", "2"])
+    model = torch.nn.Linear(1, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ctx, scaler = training.autocast_context(torch.device("cpu"), False)
+    runtime = training.Runtime(0, 1, torch.device("cpu"))
+    for script in (train_severity, train_landmarks):
+        extra = ("sag_t2",) if script is train_landmarks else ()
+        step, lr, loss, _, _ = script.train_epoch(model, [], optimizer, scaler, ctx, *extra, 0, 5, 10, 0, args, runtime)
+        assert step == 5 and lr == training.get_lr(5, 10, args.warmup_steps, args.lr) and np.isnan(loss)

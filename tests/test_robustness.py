@@ -9,6 +9,9 @@ import torch
 
 import data
 import infer
+import inputs
+import losses
+import models
 import synthetic
 import train_landmarks
 import training
@@ -67,8 +70,9 @@ def test_label_outside_its_frame_is_masked_with_a_warning(tmp_path):
     folder.mkdir()
     write_frame(folder / "1.dcm", np.ones((20, 30)), (0, 0, 0))
     series = data.load_series(str(folder))
-    points = {("spinal_canal_stenosis", "l1_l2"): (1, 12.0, 5.0), ("spinal_canal_stenosis", "l2_l3"): (1, 31.0, 5.0),
-              ("spinal_canal_stenosis", "l3_l4"): (7, 1.0, 1.0)}
+    points = {("spinal_canal_stenosis", "l1_l2"): data.LabelPoint(1, 1, 12.0, 5.0),
+              ("spinal_canal_stenosis", "l2_l3"): data.LabelPoint(1, 1, 31.0, 5.0),
+              ("spinal_canal_stenosis", "l3_l4"): data.LabelPoint(1, 7, 1.0, 1.0)}
     with pytest.warns(UserWarning) as caught:
         targets = train_landmarks.point_targets(series, points, data.POINTS_OF_SERIES["Sagittal T2/STIR"], str(folder))
     messages = " ".join(str(w.message) for w in caught)
@@ -83,11 +87,11 @@ def test_one_slice_and_large_frames_go_through_both_stages(tmp_path):
     write_frame(folder / "1.dcm", (np.random.default_rng(0).random((2048, 2048)) * 1000), (0, -100, 50),
                 orientation=(0, 1, 0, 0, 0, -1), spacing=(0.1, 0.1))
     series = data.load_series(str(folder))
-    model = train_landmarks.LandmarkNet(5).eval()
-    points, confidence = train_landmarks.predict_sagittal(model, series, 48, torch.device("cpu"))
+    model = models.LandmarkNet(5).eval()
+    points, confidence = models.predict_sagittal(model, series, 48, torch.device("cpu"))
     assert points.shape == (5, 3) and (points[:, 0] == 0).all() and np.isfinite(points).all()
     assert ((points[:, 1:] >= -0.5) & (points[:, 1:] <= 2047.5)).all()  # in the 2048-pixel frame, not the 48-pixel input
-    crop = data.crop_2p5d(series.volume, series, 0, *points[0, 1:], 40.0, 32, 5)
+    crop = inputs.crop_2p5d(series, 0, *points[0, 1:], 40.0, 32, 5)
     assert crop.shape == (5, 32, 32)
 
 
@@ -100,7 +104,7 @@ def test_missing_series_csv_is_a_clear_error(tiny, tmp_path):
 
 
 def test_nan_loss_stops_training_naming_step_and_studies(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_landmarks, "heatmap_loss", lambda logits, *rest: logits.sum() * float("nan"))
+    monkeypatch.setattr(losses, "heatmap_loss", lambda logits, *rest: logits.sum() * float("nan"))
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0 \(epoch 0\), studies \[\d+"):
         train_landmarks.main(_args(tiny, tmp_path / "run", "--series-types", "sag_t2", "--epochs", "1", "--image-size", "48"))
 

@@ -1,0 +1,202 @@
+"""Network inputs: the one place that turns a series into what a network reads, for training and prediction alike.
+
+    image = sagittal_slices(series, 96)              # (D, 96, 96) normalised slices at the network's size
+    x = sagittal_input(image, series)                # (D, 2, 96, 96): + each slice's offset across the stack
+    x = axial_input(axial_image(series, d, 96), column_direction(series, d))   # (1, 2, 96, 96)
+    crops, groups, available = study_crops(study, landmarks, settings)           # (25, S, C, C) 2.5D crops
+
+Training augments the image between the two calls (random_affine, random_intensity, mirror_axial), so the
+extra channel always describes the image the network sees. Augmentations move their points with the image.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+
+OFFSET_SCALE_MM = 50.0  # the sagittal offset channel is mm / 50: about -1..1 across a lumbar stack
+
+# -----------------------------------------------------------------------------
+# intensities and sizes
+
+
+def normalise(volume, intensity_range=None):
+    """Robust intensity scaling to about [0, 1]: intensity_range (low, high) maps to (0, 1), clipped to [0, 1.5].
+
+    Without intensity_range, the volume's own 1st and 99.5th percentile are used.
+    """
+    low, high = np.percentile(volume, [1.0, 99.5]) if intensity_range is None else intensity_range
+    return np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5).astype(np.float32)
+
+
+def resize_slices(volume, size):
+    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with data.to_resized()."""
+    tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# landmark network inputs
+
+
+def slice_offsets(series):
+    """(D,) signed offset in mm of each slice from the stack's mean position.
+
+    Sagittal stacks: along patient x, so + is always the patient's left whatever the slice order.
+    Axial stacks: along the main normal (superior-inferior for a contiguous stack).
+    """
+    normals = data.slice_normals(series.orientations)
+    main_normal = normals[np.bincount(series.stack_ids).argmax() == series.stack_ids][0]
+    axis = np.array([1.0, 0.0, 0.0]) if abs(main_normal[0]) > 0.7 else main_normal
+    along = series.positions @ axis
+    return (along - along.mean()).astype(np.float32)
+
+
+def sagittal_slices(series, size):
+    """(D, size, size) every slice of a sagittal series, normalised over the whole series, resized."""
+    return resize_slices(normalise(series.volume, series.intensity_range), size)
+
+
+def sagittal_input(image, series):
+    """(D, S, S) slices -> (D, 2, S, S): channel 1 is the slice's offset across the stack (mm / 50), constant over
+    the slice, so the network can tell the patient's left parasagittal slices from the right ones."""
+    offsets = torch.from_numpy(slice_offsets(series) / OFFSET_SCALE_MM)[:, None, None].expand_as(image)
+    return torch.stack([image, offsets], dim=1)
+
+
+def column_direction(series, slice_index):
+    """+1 where image columns run toward the patient's left (the DICOM display convention), else -1."""
+    return 1.0 if series.orientations[slice_index, 0] >= 0 else -1.0
+
+
+def axial_image(series, slice_index, size):
+    """(1, size, size) one axial slice, normalised over itself, resized."""
+    return resize_slices(normalise(series.volume[slice_index:slice_index + 1]), size)
+
+
+def axial_input(image, direction):
+    """(1, S, S) slice -> (1, 2, S, S): channel 1 says which way columns run toward the patient's left (+1 / -1),
+    so a mirrored image (augmentation, or a series stored the other way round) still shows which side is which."""
+    return torch.stack([image, torch.full_like(image, direction)], dim=1)
+
+
+def mirror_axial(image, targets, direction):
+    """Mirror an axial image (1, S, S) across its columns. Points (K, 3) [slice, col, row] move with the image
+    and keep their side: the patient's left recess is still the left one, it now lies on the other half of
+    the image, and the direction channel flips to say so."""
+    mirrored = targets.copy()
+    mirrored[:, 1] = image.shape[-1] - 1 - targets[:, 1]
+    return image.flip(-1), mirrored, -direction
+
+
+# -----------------------------------------------------------------------------
+# 2.5D crops for the severity network
+
+
+def crop_2p5d(series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False, flip_columns=False):
+    """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
+
+    (col, row) in the series' volume pixels. Neighbours are clamped at the ends of the slice's own stack, so a
+    crop never mixes two tilted per-disc stacks. Each slice is sampled with its own pixel spacing, so the crop
+    covers the same millimetres whatever the resolution. Intensities are normalised over the whole series.
+    reverse flips the slice order and flip_columns the columns (mirroring a right-side structure onto the left).
+    """
+    depth, height, width = series.volume.shape
+    centre = int(np.clip(round(float(slice_index)), 0, depth - 1))
+    first, last = data.stack_bounds(series, centre)
+    picks = np.clip(np.arange(centre - n_slices // 2, centre + n_slices // 2 + 1), first, last)
+    if reverse:
+        picks = picks[::-1].copy()
+    spacing = series.pixel_spacing[picks]  # (S, 2) [row, col] mm
+    steps = (np.arange(out_px) + 0.5) / out_px - 0.5  # (out_px,) fractions of the crop, pixel centres
+    cols = col + steps[None, :] * size_mm / spacing[:, 1:2]  # (S, out_px) volume columns
+    rows = row + steps[None, :] * size_mm / spacing[:, 0:1]
+    grid_x = torch.as_tensor((2 * cols + 1) / width - 1, dtype=torch.float32)[:, None, :].expand(-1, out_px, -1)
+    grid_y = torch.as_tensor((2 * rows + 1) / height - 1, dtype=torch.float32)[:, :, None].expand(-1, -1, out_px)
+    grid = torch.stack([grid_x, grid_y], dim=-1)  # (S, out_px, out_px, 2)
+    images = torch.as_tensor(normalise(series.volume[picks], series.intensity_range))[:, None]
+    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    return crops.flip(-1) if flip_columns else crops
+
+
+def mirror_flags(series, slice_index, condition):
+    """(reverse slices, flip columns) that put a structure into the canonical view every crop shares: axial
+    columns run away from the midline, sagittal slices run toward it. Left structures lie at patient +x, right
+    ones at -x; which way the series' columns and slice normal run in patient x is read from its orientation."""
+    if not condition.startswith(("left", "right")):
+        return False, False
+    lateral = 1.0 if condition.startswith("left") else -1.0  # patient x of 'away from the midline'
+    orientation = series.orientations[int(slice_index)]
+    normal = data.slice_normals(orientation)
+    if abs(normal[0]) > 0.7:  # sagittal: the slices step along patient x
+        return bool(normal[0] * lateral > 0), False
+    return False, bool(orientation[0] * lateral < 0)  # axial: columns run along u
+
+
+def study_crops(study, landmarks, settings):
+    """Crops (25, S, C, C) in LABEL_COLUMNS order, condition groups (25,), and which rows have a landmark (25,).
+
+    study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings: the severity
+    checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}. Right-side crops are
+    mirrored onto the left (mirror_flags), so one head serves both sides.
+    """
+    n_slices, out_px = settings["n_slices"], settings["crop_px"]
+    crops = torch.zeros(data.N_LABELS, n_slices, out_px, out_px)
+    groups = torch.tensor([data.GROUP_OF_CONDITION[c] for c, _ in data.COLUMN_POINTS])
+    available = torch.zeros(data.N_LABELS, dtype=torch.bool)
+    for j, (condition, level) in enumerate(data.COLUMN_POINTS):
+        landmark = landmarks.get((condition, level))
+        if landmark is None:
+            continue
+        series = study[landmark.series_id].series
+        reverse, flip_columns = mirror_flags(series, landmark.slice, condition)
+        crops[j] = crop_2p5d(series, landmark.slice, landmark.col, landmark.row, settings["crop_mm"][groups[j]], out_px,
+                             n_slices, reverse, flip_columns)
+        available[j] = True
+    return crops, groups, available
+
+
+# -----------------------------------------------------------------------------
+# augmentation that keeps the coordinates right
+
+
+def random_affine(volume, points, max_scale=0.12, max_shift=0.08, max_degrees=8.0):
+    """The same random scale/shift/rotation for all slices (D, S, S); points (K, 2) [col, row] follow."""
+    size = volume.shape[-1]
+    scale = math.exp(np.random.uniform(-max_scale, max_scale))
+    angle = math.radians(np.random.uniform(-max_degrees, max_degrees))
+    shift = np.random.uniform(-max_shift, max_shift, size=2) * 2  # in normalised [-1, 1] units
+    # theta maps output normalised coords to input normalised coords: in = R/scale @ out + shift
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
+    theta = torch.tensor(np.concatenate([rotation, shift[:, None]], axis=1), dtype=torch.float32)[None]
+    grid = F.affine_grid(theta.expand(len(volume), 2, 3), (len(volume), 1, size, size), align_corners=False)
+    warped = F.grid_sample(volume[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    normalised = (2 * points + 1) / size - 1  # pixel centres -> [-1, 1], align_corners=False convention
+    moved = (normalised - shift) @ np.linalg.inv(rotation).T
+    return warped, ((moved + 1) * size - 1) / 2
+
+
+def random_intensity(volume):
+    """Random gamma and contrast, so the network does not learn one scanner's grey levels."""
+    gamma = math.exp(np.random.uniform(-0.3, 0.3))
+    return volume.clamp(min=0) ** gamma * np.random.uniform(0.85, 1.15)
+
+
+def jitter_slice(series, slice_index, max_slices):
+    """slice_index moved by up to max_slices, inside its own stack."""
+    first, last = data.stack_bounds(series, slice_index)
+    return int(np.clip(int(slice_index) + np.random.randint(-max_slices, max_slices + 1), first, last))
+
+
+def jitter_landmarks(study, landmarks, max_mm, max_slices):
+    """Every landmark moved by up to max_mm in-plane and max_slices through-plane (stage-1 errors), in its stack."""
+    moved = {}
+    for name, landmark in landmarks.items():
+        series = study[landmark.series_id].series
+        spacing = series.pixel_spacing[int(landmark.slice)]
+        d = jitter_slice(series, landmark.slice, max_slices)
+        dx, dy = np.random.uniform(-max_mm, max_mm, size=2)
+        moved[name] = landmark._replace(slice=d, col=landmark.col + dx / spacing[1], row=landmark.row + dy / spacing[0])
+    return moved
