@@ -6,9 +6,7 @@ inference scripts only speak in arrays and records:
     study_ids, labels = read_labels("train.csv")          # labels (N, 25) int64, -1 = empty cell
     series = load_series("train_images/4003253/702807833")  # volume (D, H, W) float32, spatial order
 """
-import hashlib
 import os
-import pickle
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ import pandas as pd
 import pydicom
 import torch
 import torch.nn.functional as F
+
+import cache
 
 # -----------------------------------------------------------------------------
 # competition constants (defined once; every other file imports them)
@@ -174,24 +174,6 @@ def labelled_series(data_dir, split="train"):
             for row in descriptions.itertuples(index=False)]
 
 
-LabelledStudy = namedtuple("LabelledStudy", "study_id labels series points")
-
-
-def labelled_studies(data_dir):
-    """[LabelledStudy] of train.csv, in its order: labels (25,), series [LabelledSeries] (those carrying labels
-    first within a type) and every labelled point {(condition, level): LabelPoint}, each naming its own series."""
-    study_ids, labels = read_labels(os.path.join(data_dir, "train.csv"))
-    series_of_study = {}
-    for item in labelled_series(data_dir, "train"):
-        series_of_study.setdefault(item.study_id, []).append(item)
-    out = []
-    for study_id, study_labels in zip(study_ids.tolist(), labels):
-        items = sorted(series_of_study.get(study_id, []), key=lambda item: not item.points)  # stable: file order kept
-        points = {name: point for item in items for name, point in item.points.items()}
-        out.append(LabelledStudy(study_id, study_labels, items, points))
-    return out
-
-
 def assign_folds(study_ids, n_folds=5, seed=0):
     """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any input order."""
     unique = np.unique(np.asarray(study_ids, dtype=np.int64))
@@ -214,6 +196,9 @@ class Series:
     original_sizes: np.ndarray  # (D, 2) [rows, cols] of each frame on disk; labels live in these pixels
     stack_ids: np.ndarray  # (D,) int64, which orientation group (stack) a slice belongs to
     intensity_range: np.ndarray  # (2,) the volume's 1st and 99.5th percentile: network inputs map it to [0, 1]
+
+
+INTENSITY_PERCENTILES = (1.0, 99.5)
 
 
 class DecoderMissing(RuntimeError):
@@ -291,14 +276,16 @@ def load_series(series_dir, cache_dir=None):
     """A series folder of {instance_number}.dcm -> Series in spatial order (see Series for the fields).
 
     Unreadable files are skipped with a warning naming them; a series with no readable frame, or a
-    compressed file that no installed decoder handles, raises. With cache_dir, the decoded arrays are
-    kept on disk under a key of the files' names, sizes and modification times.
+    compressed file that no installed decoder handles, raises. With cache_dir, the series is kept on disk
+    (cache.py: one byte a pixel, memory-mapped, volume clipped to what the networks read) under a key of the
+    files' names, sizes and modification times; a cache that cannot be written or read costs speed, never the series.
     """
     names = sorted(n for n in os.listdir(series_dir) if os.path.isfile(os.path.join(series_dir, n)) and not n.startswith("."))
-    cache_path = _cache_path(series_dir, names, cache_dir) if cache_dir else None
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path, "rb") as handle:  # our own file: a pickle of plain arrays reads ~3x faster than npz
-            return Series(**pickle.load(handle))
+    cache_path = cache.path_of(series_dir, names, cache_dir) if cache_dir else None
+    cached = cache.read(cache_path) if cache_path else None
+    if cached is not None:
+        stored, fields = cached
+        return Series(volume=cache.StoredVolume(stored, fields["intensity_range"]), **fields)
     frames, problems = [], []
     for name in names:
         path = os.path.join(series_dir, name)
@@ -315,20 +302,11 @@ def load_series(series_dir, cache_dir=None):
         first = f" (first: {problems[0]})" if problems else ""
         raise ValueError(f"{series_dir}: no readable DICOM slice among {len(names)} files{first}")
     series = _assemble(frames, series_dir)
-    if cache_path:
-        os.makedirs(cache_dir, exist_ok=True)
-        temporary = cache_path + ".tmp"
-        with open(temporary, "wb") as handle:
-            pickle.dump(series.__dict__, handle, protocol=5)
-        os.replace(temporary, cache_path)  # atomic: a killed run never leaves half a cache file
+    if cache_path:  # from now on the volume is what the cache keeps, whether or not the write succeeded
+        stored = cache.quantise(series.volume, series.intensity_range)
+        cache.write(cache_path, stored, {k: v for k, v in series.__dict__.items() if k != "volume"})
+        series.volume = cache.StoredVolume(stored, series.intensity_range)
     return series
-
-
-def _cache_path(series_dir, names, cache_dir):
-    stats = [(n, os.stat(os.path.join(series_dir, n))) for n in names]
-    signature = "v3|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
-    key = hashlib.sha1((os.path.abspath(series_dir) + signature).encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(series_dir))}_{key}.pkl")
 
 
 def _assemble(frames, series_dir):
@@ -358,7 +336,7 @@ def _assemble(frames, series_dir):
     volume = np.stack(images)[order].astype(np.float32)
     return Series(volume=volume, instance_numbers=instance_numbers[order], positions=positions[order],
                   orientations=orientations[order], pixel_spacing=spacing[order], original_sizes=original_sizes[order],
-                  stack_ids=stack_ids, intensity_range=np.percentile(volume, [1.0, 99.5]))
+                  stack_ids=stack_ids, intensity_range=np.percentile(volume[:, ::2, ::2], INTENSITY_PERCENTILES))
 
 
 # -----------------------------------------------------------------------------
@@ -420,6 +398,27 @@ def series_patient_to_pixel(series, point):
     penalty = np.abs(distances) + np.where(inside, 0.0, 1e6)
     d = int(penalty.argmin())
     return d, float(cols[d]), float(rows[d]), float(distances[d])
+
+
+def slice_gap_mm(series, slice_index):
+    """Distance in mm between neighbouring slices of the stack holding slice_index (median; 4 mm for one slice)."""
+    first, last = stack_bounds(series, slice_index)
+    if first == last:
+        return 4.0
+    along = series.positions[first:last + 1] @ slice_normals(series.orientations[int(slice_index)])
+    return float(np.median(np.abs(np.diff(along))))
+
+
+def covering_slice(series, point):
+    """(slice index, |distance| mm) of the slice nearest to a patient point among those whose frame holds it, or
+    None when the series does not cover the point: outside every frame, or more than one slice gap from the
+    nearest slice (beyond a stack's ends: between per-disc stacks, or past a series that covers some levels only)."""
+    d, col, row, distance = series_patient_to_pixel(series, point)
+    height, width = series.volume.shape[1:]
+    inside = -0.5 <= col <= width - 0.5 and -0.5 <= row <= height - 0.5
+    if not inside or abs(distance) > slice_gap_mm(series, d):
+        return None
+    return d, abs(distance)
 
 
 def label_to_volume(series, instance_number, x, y):

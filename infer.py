@@ -31,7 +31,8 @@ def parse_args(argv=None):
     parser.add_argument("--out-dir", required=True, help="run folder: severity checkpoint in, submission.csv out")
     parser.add_argument("--split", default="test", choices=["test", "train"], help="which split's studies to grade")
     parser.add_argument("--studies", default="", help="comma-separated study ids to grade (default: all of the split)")
-    parser.add_argument("--cache-dir", default="cache", help="decoded series cache")
+    parser.add_argument("--cache-dir", default="", help="series cache folder (default: none; each series is read once, "
+                        "and a cache of a ~700-study hidden test would take ~15 GB)")
     # model
     parser.add_argument("--landmark-dir", default="", help="folder of landmarks_<type>_best.pt (default: --out-dir)")
     parser.add_argument("--severity-checkpoints", default="", help="comma-separated severity checkpoints to average "
@@ -48,23 +49,20 @@ def parse_args(argv=None):
 
 
 def load_study(data_dir, split, study_id, series_of_type, cache_dir):
-    """({series_id: StudySeries} with the first readable series of each type, [problems to warn about])."""
+    """({series_id: StudySeries} of every readable listed series, [problems to warn about])."""
     study, problems = {}, []
     for series_type in data.SERIES_TYPES:
-        for series_id in series_of_type.get(series_type, []):
+        listed = series_of_type.get(series_type, [])
+        if not listed:
+            problems.append(f"no {series_type} series listed")
+        for series_id in listed:
             series_dir = os.path.join(data_dir, f"{split}_images", str(study_id), str(series_id))
             try:
-                series = data.load_series(series_dir, cache_dir)
+                study[series_id] = data.StudySeries(series_type, series_id, data.load_series(series_dir, cache_dir))
             except data.DecoderMissing:
                 raise
             except (OSError, ValueError) as error:  # a listed folder that is absent, empty or unreadable
                 problems.append(f"{series_type} series {series_dir} unreadable ({error})")
-                continue
-            study[series_id] = data.StudySeries(series_type, series_id, series)
-            break
-        else:
-            if not series_of_type.get(series_type):
-                problems.append(f"no {series_type} series listed")
     return study, problems
 
 
@@ -101,14 +99,14 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
     rows, fallbacks = [], {}
     for i, study_id in enumerate(study_ids):
         study, problems = load_study(args.data_dir, args.split, study_id, descriptions.get(study_id, {}), args.cache_dir)
-        landmarks = predict_landmarks(landmark_models, study, device)
+        landmarks, notes = predict_landmarks(landmark_models, study, device)
         graded, available = grade_study(severity_models, study, landmarks, device, args.tta_shift_mm)
         probabilities[i, available] = graded[available]
         missing = [c for c, ok in zip(data.LABEL_COLUMNS, available.tolist()) if not ok]
         if missing:
             fallbacks[study_id] = missing
             warnings.warn(f"study {study_id}: {len(missing)} rows fall back to the training prior ({', '.join(missing)}); "
-                          f"{'; '.join(problems) or 'no landmark found'}")
+                          f"{'; '.join(problems + notes) or 'no landmark found'}")
         rows += landmark_rows(study_id, study, landmarks)
     return probabilities, rows, fallbacks
 
@@ -138,31 +136,38 @@ def report_scores(solution, submission, prior, study_ids, tag=""):
     return score, base_score
 
 
-def landmark_error(row, guess, series):
-    """(in-plane mm in the true slice's plane, slice error) of one guessed label row against the true one."""
-    true_d, *true_px = data.label_to_volume(series, row.instance_number, row.x, row.y)
-    guess_d, *guess_px = data.label_to_volume(series, guess.instance_number, guess.x, guess.y)
-    offset = data.series_pixel_to_patient(series, guess_d, *guess_px) - data.series_pixel_to_patient(series, true_d, *true_px)
-    normal = data.slice_normals(series.orientations[true_d])
-    return float(np.linalg.norm(offset - (offset @ normal) * normal)), abs(guess_d - true_d)
+def landmark_error(row, guess, true_series, guess_series):
+    """(mm in the true slice's plane, slice error) of a guessed label row against the true one, through patient
+    space, so a guess on another series of the type (a study with two axial series) is measured too: its slice
+    error is that of the true series' slice nearest to the guess."""
+    true_d, *true_px = data.label_to_volume(true_series, row.instance_number, row.x, row.y)
+    guess_d, *guess_px = data.label_to_volume(guess_series, guess.instance_number, guess.x, guess.y)
+    guess_mm = data.series_pixel_to_patient(guess_series, guess_d, *guess_px)
+    offset = guess_mm - data.series_pixel_to_patient(true_series, true_d, *true_px)
+    normal = data.slice_normals(true_series.orientations[true_d])
+    nearest = guess_d if guess_series is true_series else data.series_patient_to_pixel(true_series, guess_mm)[0]
+    return float(np.linalg.norm(offset - (offset @ normal) * normal)), abs(nearest - true_d)
 
 
 def landmark_errors(predicted, truth, data_dir, split, cache_dir):
     """Per series type: median and 90th-percentile in-plane error (mm) and slice accuracy of predicted landmarks.
 
     predicted, truth: frames in the train_label_coordinates.csv schema (snake_case condition/level). A true
-    point with no prediction on its series counts as a miss (infinite error).
+    point with no prediction counts as a miss (infinite error).
     """
     guesses = {(r.study_id, r.condition, r.level): r for r in predicted.itertuples(index=False)}
     errors = {s: ([], []) for s in data.SERIES_TYPES}
+    series_dir = lambda study_id, series_id: os.path.join(data_dir, f"{split}_images", str(study_id), str(series_id))  # noqa: E731
     for row in truth.itertuples(index=False):
         mm, slices = errors[data.SERIES_OF_CONDITION[row.condition]]
         guess = guesses.get((row.study_id, row.condition, row.level))
-        if guess is None or guess.series_id != row.series_id:
+        if guess is None:
             mm.append(np.inf), slices.append(np.inf)
             continue
-        series = data.load_series(os.path.join(data_dir, f"{split}_images", str(row.study_id), str(row.series_id)), cache_dir)
-        error_mm, error_slices = landmark_error(row, guess, series)
+        true_series = data.load_series(series_dir(row.study_id, row.series_id), cache_dir)
+        guess_series = true_series if guess.series_id == row.series_id else data.load_series(
+            series_dir(row.study_id, guess.series_id), cache_dir)
+        error_mm, error_slices = landmark_error(row, guess, true_series, guess_series)
         mm.append(error_mm), slices.append(error_slices)
     return {s: losses.summarise_errors(mm, slices) for s, (mm, slices) in errors.items() if mm}
 

@@ -32,9 +32,14 @@ def normalise(volume, intensity_range=None):
 
 
 def resize_slices(volume, size):
-    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with data.to_resized()."""
+    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with data.to_resized().
+
+    Shrinking averages over each output pixel's footprint (antialias): a 512 px frame read at 96 px would
+    otherwise keep one pixel in five and alias the noise and fine detail into the input.
+    """
     tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+    shrinking = size < max(tensor.shape[-2:])
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -72,8 +77,8 @@ def column_direction(series, slice_index):
 
 
 def axial_image(series, slice_index, size):
-    """(1, size, size) one axial slice, normalised over itself, resized."""
-    return resize_slices(normalise(series.volume[slice_index:slice_index + 1]), size)
+    """(1, size, size) one axial slice, normalised over the whole series, resized; the other slices are not read."""
+    return resize_slices(normalise(series.volume[slice_index:slice_index + 1], series.intensity_range), size)
 
 
 def axial_input(image, direction):

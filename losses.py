@@ -211,5 +211,6 @@ def summarise_errors(mm, slices):
     mm, slices = np.asarray(mm, np.float64), np.asarray(slices, np.float64)
     if len(mm) == 0:
         return dict(median_mm=float("nan"), p90_mm=float("nan"), slice_exact=float("nan"), slice_within1=float("nan"))
-    return dict(median_mm=float(np.median(mm)), p90_mm=float(np.percentile(mm, 90)),
-                slice_exact=float(np.mean(slices < 0.5)), slice_within1=float(np.mean(slices < 1.5)))
+    with np.errstate(invalid="ignore"):  # misses are inf; interpolating between two of them gives NaN
+        median, p90 = (float(np.nan_to_num(np.percentile(mm, q), nan=np.inf)) for q in (50, 90))
+    return dict(median_mm=median, p90_mm=p90, slice_exact=float(np.mean(slices < 0.5)), slice_within1=float(np.mean(slices < 1.5)))

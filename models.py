@@ -158,8 +158,18 @@ def predict_axial(model, series, slice_index, image_size, device):
 
 
 def axial_slices_for_levels(axial, level_points_mm):
-    """Axial slice index of each level (-1 where unknown): the slice nearest to that level's point (5, 3) mm."""
-    return [data.series_patient_to_pixel(axial, point)[0] if np.isfinite(point).all() else -1 for point in level_points_mm]
+    """Axial slice index of each level: the slice nearest to that level's point (5, 3) mm, or -1 where the series
+    does not cover it (data.covering_slice) or the point is unknown."""
+    covering = [data.covering_slice(axial, point) if np.isfinite(point).all() else None for point in level_points_mm]
+    return [choice[0] if choice else -1 for choice in covering]
+
+
+def choose_axial_slice(axial_series, point):
+    """(StudySeries, slice index) of the axial series and slice that cover a patient point best (the nearest slice
+    among the series that cover it), or None when none does."""
+    covering = [(choice[1], k, loaded, choice[0]) for k, loaded in enumerate(axial_series)
+                for choice in [data.covering_slice(loaded.series, point)] if choice]
+    return min(covering, key=lambda c: c[:2])[2:] if covering else None
 
 
 def points_mm(series, points):
@@ -191,25 +201,32 @@ def level_points_mm(study, found):
 
 
 def predict_landmarks(landmark_models, study, device):
-    """{(condition, level): data.Landmark} for every point the models find in a study {series_id: StudySeries}."""
-    found = {}
+    """({(condition, level): data.Landmark}, [notes on points not found]) for a study {series_id: StudySeries}.
+
+    Every series of a type is read: a sagittal point comes from the series where the model is most confident;
+    an axial level from the series and stack that cover the level's point (choose_axial_slice).
+    """
+    found, notes = {}, []
     for series_type in ("Sagittal T2/STIR", "Sagittal T1"):
         model, settings = landmark_models.get(data.SERIES_TAGS[series_type], (None, None))
-        for loaded in data.series_of_type(study, series_type)[:1] if model else []:
+        for loaded in data.series_of_type(study, series_type) if model else []:
             points, confidence = predict_sagittal(model, loaded.series, settings["image_size"], device)
             for name, point, score in zip(data.POINTS_OF_SERIES[series_type], points, confidence):
-                found[name] = data.Landmark(series_type, loaded.series_id, *point, float(score))
+                if name not in found or score > found[name].confidence:
+                    found[name] = data.Landmark(series_type, loaded.series_id, *point, float(score))
     model, settings = landmark_models.get("axial", (None, None))
-    level_mm = level_points_mm(study, found)
-    for loaded in data.series_of_type(study, "Axial T2")[:1] if model and level_mm is not None else []:
-        for level, slice_index in zip(data.LEVELS, axial_slices_for_levels(loaded.series, level_mm)):
-            if slice_index < 0:
-                continue
-            plane, confidence = predict_axial(model, loaded.series, slice_index, settings["image_size"], device)
-            for side, (col, row), score in zip(("left", "right"), plane, confidence):
-                found[(f"{side}_subarticular_stenosis", level)] = data.Landmark("Axial T2", loaded.series_id, slice_index,
-                                                                                col, row, float(score))
-    return found
+    axial_series, level_mm = data.series_of_type(study, "Axial T2"), level_points_mm(study, found)
+    for level, level_name, point in zip(data.LEVELS, data.LEVEL_NAMES, level_mm if model and axial_series and level_mm is not None else []):
+        choice = choose_axial_slice(axial_series, point)
+        if choice is None:
+            notes.append(f"level {level_name} lies outside every Axial T2 series")
+            continue
+        loaded, slice_index = choice
+        plane, confidence = predict_axial(model, loaded.series, slice_index, settings["image_size"], device)
+        for side, (col, row), score in zip(("left", "right"), plane, confidence):
+            found[(f"{side}_subarticular_stenosis", level)] = data.Landmark("Axial T2", loaded.series_id, slice_index, col,
+                                                                            row, float(score))
+    return found, notes
 
 
 # -----------------------------------------------------------------------------

@@ -27,6 +27,8 @@ from phantom import landmarks, make_anatomy, render_slice, rotation, sample_seve
 QUIRKS = ["missing_series", "duplicate_series", "instances_reversed", "instances_offset", "instances_interleaved",
           "mixed_frame_sizes", "monochrome1", "rescale", "rle_lossless", "no_spacing_tags"]
 SPLIT_CODE = {"train": 0, "test": 1}  # separate random streams: test studies are never train anatomy
+REAL_FRAME = 384  # frames this size or larger get real fields of view; smaller (demo) frames a tighter one
+SPLIT_AXIAL_RATE = 1 / 6  # real data: 17 % of studies have labels on two or more series of one type
 
 
 # -----------------------------------------------------------------------------
@@ -48,23 +50,27 @@ def sagittal_slices(rng, points, frame):
     centre = points.mean(axis=0) + rng.uniform(-3, 3) * spacing * n + rng.uniform(-20, 0) * u + rng.uniform(-10, 10) * v
     reach = np.abs((points - centre) @ n).max() + 3  # mm the stack must cover either side
     count = max(int(rng.integers(15, 26)), 2 * int(np.ceil(reach / spacing)) + 1)
-    return make_stack(centre, u, v, count, spacing, rng.uniform(200, 260), frame), None
+    fov = rng.uniform(200, 260) if frame < REAL_FRAME else rng.uniform(270, 330)  # real sagittal: about 300 mm
+    return make_stack(centre, u, v, count, spacing, fov, frame), None
 
 
-def axial_slices(rng, points, anatomy, frame):
-    """Columns go patient left, rows posterior: one contiguous stack, or one short tilted stack per disc."""
-    fov, shift = rng.uniform(160, 220), rng.uniform(-10, 10, 2) - [0, 10]  # FOV centre offset (u, v) mm
+def axial_slices(rng, points, anatomy, frame, levels):
+    """Columns go patient left, rows posterior: one contiguous stack over the given levels, or one short tilted
+    stack per disc of them (stacks[j] None for a level the series does not cover)."""
+    fov = rng.uniform(160, 220) if frame < REAL_FRAME else rng.uniform(180, 220)  # real axial: about 200 mm
+    shift = rng.uniform(-10, 10, 2) - [0, 10]  # FOV centre offset (u, v) mm
     if rng.random() < 0.5:
         tilt = rotation(rng.uniform(-3, 3, 3))
         u, v = np.round(tilt @ [1, 0, 0], 6), np.round(tilt @ [0, 1, 0], 6)
-        n, points = np.cross(u, v), points.reshape(-1, 3)
+        n, points = np.cross(u, v), points[:, list(levels)].reshape(-1, 3)
         along, spacing = points @ n, rng.uniform(3.5, 5)
-        count = int(np.clip(np.ceil((np.ptp(along) + 20) / spacing) + 1, 30, 45))
+        fewest = 30 if len(levels) == 5 else 8  # a stack over some levels only ends 10 mm past them
+        count = int(np.clip(np.ceil((np.ptp(along) + 20) / spacing) + 1, fewest, 45))
         centre = points.mean(axis=0) + shift[0] * u + shift[1] * v
         centre += ((along.min() + along.max()) / 2 - centre @ n) * n
         return make_stack(centre, u, v, count, max(spacing, (np.ptp(along) + 20) / (count - 1)), fov, frame), None
     slices, stacks, spacing = [], [None] * 5, rng.uniform(3, 4)
-    for j in reversed(range(5)):  # L5/S1 first, so instance numbers climb the spine
+    for j in reversed(list(levels)):  # L5/S1 first, so instance numbers climb the spine
         theta = anatomy["disc_s"][j] / anatomy["curve_radius"]  # each stack tilts with its disc
         n = anatomy["rotation"] @ [0, np.sin(theta), np.cos(theta)]
         u = np.round(anatomy["rotation"] @ [1, 0, 0], 6)
@@ -76,17 +82,40 @@ def axial_slices(rng, points, anatomy, frame):
     return slices, stacks
 
 
-def make_series(rng, anatomy, description, series_id, size):
-    """One series: slices in spatial order, per-level stacks (per-disc axial form only), weighting, tags."""
+def make_series(rng, anatomy, description, series_id, size, levels=tuple(range(5))):
+    """One series: slices in spatial order, per-level stacks (per-disc axial form only), weighting, tags, and the
+    levels and sides whose labels it carries (an axial series may cover some levels only)."""
     points, frame = landmarks(anatomy), size if rng.random() < 0.5 else round(size * 1.25)
     if description == "Axial T2":
-        slices, stacks = axial_slices(rng, points[3:], anatomy, frame)
+        slices, stacks = axial_slices(rng, points[3:], anatomy, frame, levels)
     else:
         slices, stacks = sagittal_slices(rng, points[:3].reshape(-1, 3), frame)
     weighting = {"Sagittal T1": "T1", "Axial T2": "T2"}.get(description, "STIR" if rng.random() < 0.25 else "T2")
     return dict(description=description, series_id=series_id, slices=slices, stacks=stacks, weighting=weighting,
                 numbers=np.arange(1, len(slices) + 1), thickness=slices[0]["spacing"] * rng.uniform(0.8, 1.0),
-                quirks=set(), duplicate=False)
+                quirks=set(), duplicate=False, levels=tuple(levels), sides=("left", "right"))
+
+
+def split_axial(rng, anatomy, series_list, series_id, size):
+    """Spread the axial labels over two series, as 17 % of real studies do: the levels split between an upper and
+    a lower series (each covering only its own), or left labels on one series and right labels on another.
+    Returns the row for quirks.csv (without study_id), or None when the study has no axial series."""
+    original = next((s for s in series_list if s["description"] == "Axial T2" and not s["duplicate"]), None)
+    if original is None:
+        return None
+    if rng.random() < 0.5:
+        first_lower = int(rng.integers(2, 4))  # upper series: L1/L2 .. this level (excluded); lower: the rest
+        lower = make_series(rng, anatomy, "Axial T2", original["series_id"], size, levels=tuple(range(first_lower, 5)))
+        upper = make_series(rng, anatomy, "Axial T2", series_id, size, levels=tuple(range(first_lower)))
+        series_list[series_list.index(original)] = lower
+        series_list.append(upper)
+        detail = f"levels {LEVEL_NAMES[0]}..{LEVEL_NAMES[first_lower - 1]} on {series_id}, the rest on {original['series_id']}"
+        return dict(series_id=series_id, series_description="Axial T2", quirk="split_axial_levels", detail=detail)
+    right = make_series(rng, anatomy, "Axial T2", series_id, size)
+    original["sides"], right["sides"] = ("left",), ("right",)
+    series_list.append(right)
+    return dict(series_id=series_id, series_description="Axial T2", quirk="split_axial_sides",
+                detail=f"left labels on {original['series_id']}, right on {series_id}")
 
 
 def project(point, slices, candidates):
@@ -181,14 +210,16 @@ def write_instance(path, pixels, slice_, series, study_id, number):
 
 
 def label_rows(study_id, severity, empty, anatomy, series_list):
-    """The study's 25 label strings, and its coordinate rows projected into the first series of each type."""
+    """The study's 25 label strings, and its coordinate rows projected into the first series of the condition's
+    type that carries that level and side (a series added by the duplicate quirk carries none)."""
     labels = ["" if empty[c, j] else SEVERITIES[severity[c, j]] for c in range(5) for j in range(5)]
     points, coordinates = landmarks(anatomy), []
     for c, condition in enumerate(CONDITIONS):
-        wanted = SERIES_OF_CONDITION[condition]
-        series = next((s for s in series_list if s["description"] == wanted and not s["duplicate"]), None)
-        for j in range(5 if series else 0):
-            if not empty[c, j]:
+        side = condition.split("_")[0]
+        for j in range(5):
+            series = next((s for s in series_list if s["description"] == SERIES_OF_CONDITION[condition] and not s["duplicate"]
+                           and j in s["levels"] and side in s["sides"] + ("spinal",)), None)
+            if series and not empty[c, j]:
                 candidates = series["stacks"][j] if series["stacks"] else list(range(len(series["slices"])))
                 k, column, row = project(points[c, j], series["slices"], candidates)
                 coordinates.append(dict(study_id=study_id, series_id=series["series_id"],
@@ -205,6 +236,9 @@ def make_study(job):
     series_list = [make_series(rng, anatomy, kind, series_id, job["size"])
                    for kind, series_id in zip(SERIES_TYPES, job["series_ids"])]
     empty, quirks = rng.random((5, 5)) < 0.01, []  # about 1% of label cells are blank, as in the real train.csv
+    split_rng = np.random.default_rng([job["seed"], SPLIT_CODE[job["split"]], job["index"], 2])  # own stream, as quirks
+    if split_rng.random() < job["split_axial"]:
+        quirks += [row for row in [split_axial(split_rng, anatomy, series_list, job["series_ids"][4], job["size"])] if row]
     if job["quirk"]:  # own random stream: the study looks the same with or without --quirks
         quirk_rng = np.random.default_rng([job["seed"], SPLIT_CODE[job["split"]], job["index"], 1])
         quirks.append(apply_quirk(quirk_rng, job["quirk"], anatomy, series_list, job["series_ids"][3], job["size"]))
@@ -237,25 +271,28 @@ def make_study(job):
 # the dataset
 
 def draw_ids(seed, count):
-    """count (study id of 7-10 digits, [4 series ids of 8-10 digits]), all unique."""
+    """count (study id of 7-10 digits, [5 series ids of 8-10 digits]), all unique. The fifth series id of every
+    study is drawn after all the others, so that it changed none of them."""
     rng, ids = np.random.default_rng([seed, 2]), {}  # a dict is an ordered set
-    while len(ids) < 5 * count:
-        digits = int(rng.integers(7 if len(ids) % 5 == 0 else 8, 11))
+    while len(ids) < 6 * count:
+        digits = int(rng.integers(7 if len(ids) < 5 * count and len(ids) % 5 == 0 else 8, 11))
         ids.setdefault(int(rng.integers(10 ** (digits - 1), min(10 ** digits, 2 ** 31))), None)
     ids = list(ids)
-    return [(ids[5 * i], ids[5 * i + 1:5 * i + 5]) for i in range(count)]
+    return [(ids[5 * i], ids[5 * i + 1:5 * i + 5] + [ids[5 * count + i]]) for i in range(count)]
 
 
 def write_csv(rows, columns, path):
     pd.DataFrame(rows, columns=columns).sort_values("study_id", kind="stable").to_csv(path, index=False)
 
 
-def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False, workers=0):
+def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False, workers=0,
+                 split_axial=SPLIT_AXIAL_RATE):
     """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}."""
     start, ids = time.time(), draw_ids(seed, train_studies + test_studies)
     cycle = QUIRKS + [None]  # with --quirks each study gets the next quirk in turn (or none)
     jobs = [dict(split=split, index=i, study_id=ids[offset + i][0], series_ids=ids[offset + i][1], seed=seed,
                  size=size, balanced=balanced, quirks=quirks, quirk=cycle[i % len(cycle)] if quirks else None,
+                 split_axial=split_axial,
                  out_dir=out_dir, corrupt=quirks and split == "test" and i == min(1, test_studies - 1))
             for split, count, offset in (("train", train_studies, 0), ("test", test_studies, train_studies))
             for i in range(count)]
@@ -302,6 +339,8 @@ def parse_args(argv=None):
     # realism
     parser.add_argument("--quirks", action="store_true", help="add the quirks of real data (listed in quirks.csv)")
     parser.add_argument("--balanced", action="store_true", help="severities 1/3 each instead of the real priors")
+    parser.add_argument("--split-axial", type=float, default=SPLIT_AXIAL_RATE, help="share of studies whose axial labels "
+                        "are spread over two series (levels split, or left and right apart), as in real data")
     # system
     parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU core)")
     args = parser.parse_args(argv)
@@ -313,7 +352,7 @@ def main(argv=None):
     args = parse_args(argv)
     print(vars(args))
     make_dataset(args.out, args.train_studies, args.test_studies, args.seed, args.size, args.quirks, args.balanced,
-                 args.workers)
+                 args.workers, args.split_axial)
 
 
 if __name__ == "__main__":

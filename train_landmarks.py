@@ -254,7 +254,7 @@ def true_canal_points(items, cache_dir):
 
 
 def train_epoch(model, loader, optimizer, scaler, ctx, tag, epoch, step, total_steps, steps_per_epoch, args, runtime):
-    """One pass over the loader -> (step after it, lr, mean loss, seconds waiting for data, seconds)."""
+    """One pass over the loader -> (step after it, {lr, train_loss, ...: this epoch's log columns})."""
     started, batch_losses, waited = time.time(), [], 0.0
     lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # defined even when the loader is empty
     fetch_start = time.time()
@@ -277,8 +277,9 @@ def train_epoch(model, loader, optimizer, scaler, ctx, tag, epoch, step, total_s
             training.print_progress(tag, epoch, args.epochs, batch_index, steps_per_epoch, batch_losses, lr, started,
                                     total_steps - step)
         fetch_start = time.time()
-    mean_loss = float(np.mean(batch_losses)) if batch_losses else float("nan")
-    return step, lr, mean_loss, waited, time.time() - started
+    seconds = time.time() - started
+    return step, dict(lr=lr, train_loss=float(np.mean(batch_losses)) if batch_losses else float("nan"),
+                      data_wait=waited / max(seconds, 1e-9), seconds=seconds)
 
 
 def train_series_type(args, tag, train_items, val_items, canal_points, runtime):
@@ -314,13 +315,14 @@ def train_series_type(args, tag, train_items, val_items, canal_points, runtime):
             break
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        step, lr, train_loss, waited, seconds = train_epoch(train_model, loader, optimizer, scaler, ctx, tag, epoch, step,
-                                                            total_steps, steps_per_epoch, args, runtime)
+        step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, tag, epoch, step, total_steps, steps_per_epoch,
+                                  args, runtime)
+        train_loss = stats["train_loss"]
         if not main_process:
             continue
         print()
         metrics = evaluate(model, tag, val_items, canal_points, args, runtime.device) if val_items else {}
-        row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics, data_wait=waited / max(seconds, 1e-9), seconds=seconds)
+        row = dict(epoch=epoch, step=step, lr=stats.pop("lr"), train_loss=stats.pop("train_loss"), **metrics, **stats)
         log.write(row)
         training.print_row(row)
         score = metrics.get("median_mm", train_loss)

@@ -11,6 +11,7 @@ import argparse
 import os
 import time
 import warnings
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -68,17 +69,33 @@ def parse_args(argv=None):
 # -----------------------------------------------------------------------------
 # studies with their labels and true landmarks
 
+LabelledStudy = namedtuple("LabelledStudy", "study_id labels series points")
+
+
+def labelled_studies(data_dir):
+    """[LabelledStudy] of train.csv, in its order: labels (25,), every listed series [data.LabelledSeries] and every
+    labelled point {(condition, level): data.LabelPoint}, each naming its own series."""
+    study_ids, labels = data.read_labels(os.path.join(data_dir, "train.csv"))
+    series_of_study = {}
+    for item in data.labelled_series(data_dir, "train"):
+        series_of_study.setdefault(item.study_id, []).append(item)
+    out = []
+    for study_id, study_labels in zip(study_ids.tolist(), labels):
+        items = series_of_study.get(study_id, [])
+        points = {name: point for item in items for name, point in item.points.items()}
+        out.append(LabelledStudy(study_id, study_labels, items, points))
+    return out
+
+
 
 def load_labelled_study(entry, cache_dir):
     """A LabelledStudy -> ({series_id: StudySeries}, {(condition, level): Landmark} of its labels in volume pixels).
 
-    Loads every series that carries a label, and the first listed series of a type that carries none (what
-    predicted landmarks would use). A label that does not fit its series is dropped with a warning.
+    Loads every listed series, as inference does; each label becomes a landmark on its own series (a study may
+    spread one type's labels over several series). A label that does not fit its series is dropped with a warning.
     """
-    study = {}
-    for item in entry.series:
-        if item.points or not any(s.series_type == item.series_type for s in study.values()):
-            study[item.series_id] = data.StudySeries(item.series_type, item.series_id, data.load_series(item.series_dir, cache_dir))
+    study = {item.series_id: data.StudySeries(item.series_type, item.series_id, data.load_series(item.series_dir, cache_dir))
+             for item in entry.series}
     landmarks = {}
     for name, point in entry.points.items():
         loaded = study[point.series_id]
@@ -108,12 +125,23 @@ class StudyCrops(torch.utils.data.Dataset):
         if self.augment:
             crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
         labels = torch.as_tensor(entry.labels).masked_fill(~available, data.MISSING)
-        return crops, groups, labels, index
+        off_series = sum(landmark.series_id != entry.points[name].series_id for name, landmark in landmarks.items())
+        return crops, groups, labels, index, off_series
 
 
 def collate_studies(batch):
+    """Crops (B*25, S, C, C), groups and labels (B*25,), study indices (B,), crops taken off their label's series."""
     return (torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch]),
-            torch.tensor([b[3] for b in batch]))
+            torch.tensor([b[3] for b in batch]), sum(b[4] for b in batch))
+
+
+def describe_series_spread(entries):
+    """Print how many labelled points lie on a study's second (third...) series of their type."""
+    spread = [e for e in entries if len({(p.series_id, data.SERIES_OF_CONDITION[c]) for (c, _), p in e.points.items()})
+              > len({data.SERIES_OF_CONDITION[c] for c, _ in e.points})]
+    points = sum(len(e.points) for e in entries)
+    print(f"severity: {points} labelled points; {len(spread)} of {len(entries)} studies spread one type's labels over "
+          "several series (each point is cropped from its own)")
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +156,7 @@ def predict_entries(model, settings, prior, entries, cache_dir, device, landmark
     for i, entry in enumerate(entries):
         study, landmarks = load_labelled_study(entry, cache_dir)
         if landmark_models is not None:
-            landmarks = predict_landmarks(landmark_models, study, device)
+            landmarks, _ = predict_landmarks(landmark_models, study, device)
         graded, available = grade_study([(model, settings)], study, landmarks, device)
         out[i, available] = graded[available]
     model.train()
@@ -202,14 +230,16 @@ def final_validation(model, settings, prior, entries, landmark_models, args, dev
 
 
 def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args, runtime):
-    """One pass over the loader -> (step after it, lr, mean loss, seconds waiting for data, seconds)."""
+    """One pass over the loader -> (step after it, {lr, train_loss, ...: this epoch's log columns})."""
     started, batch_losses, waited = time.time(), [], 0.0
     lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # defined even when the loader is empty
     fetch_start = time.time()
-    for batch_index, (crops, groups, labels, indices) in enumerate(loader):
+    off_series = 0
+    for batch_index, (crops, groups, labels, indices, batch_off_series) in enumerate(loader):
         if batch_index >= steps_per_epoch:
             break
         waited += time.time() - fetch_start
+        off_series += batch_off_series
         lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
         training.set_lr(optimizer, lr)
         crops, groups, labels = (t.to(runtime.device, non_blocking=True) for t in (crops, groups, labels))
@@ -228,8 +258,9 @@ def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
             training.print_progress("severity", epoch, args.epochs, batch_index, steps_per_epoch, batch_losses, lr, started,
                                     total_steps - step)
         fetch_start = time.time()
-    mean_loss = float(np.mean(batch_losses)) if batch_losses else float("nan")
-    return step, lr, mean_loss, waited, time.time() - started
+    seconds = time.time() - started
+    return step, dict(lr=lr, train_loss=float(np.mean(batch_losses)) if batch_losses else float("nan"),
+                      crops_off_series=off_series, data_wait=waited / max(seconds, 1e-9), seconds=seconds)
 
 
 def split_entries(entries, args):
@@ -251,7 +282,7 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    train_entries, val_entries = split_entries(data.labelled_studies(args.data_dir), args)
+    train_entries, val_entries = split_entries(labelled_studies(args.data_dir), args)
     if not train_entries:
         raise ValueError(f"{args.data_dir}: no training studies (fold {args.fold} of {args.n_folds} holds them all)")
     prior = losses.weighted_prior(np.stack([e.labels for e in train_entries]), smoothing=1.0)  # (25, 3) fallback rows
@@ -271,19 +302,21 @@ def main(argv=None):
     log = training.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
     if main_process:
         print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
+        describe_series_spread(train_entries)
     row = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
             break
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        step, lr, train_loss, waited, seconds = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
-                                                            steps_per_epoch, args, runtime)
+        step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args,
+                                  runtime)
+        train_loss = stats["train_loss"]
         if not main_process:
             continue
         print()
         metrics = evaluate(model, settings, prior, val_entries, args, runtime.device)[0] if val_entries else {}
-        row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics, data_wait=waited / max(seconds, 1e-9), seconds=seconds)
+        row = dict(epoch=epoch, step=step, lr=stats.pop("lr"), train_loss=stats.pop("train_loss"), **metrics, **stats)
         log.write(row)
         training.print_row(row)
         score = metrics.get("score", train_loss)
