@@ -1,13 +1,15 @@
-"""Speed of the data path, the training loops and inference, measured in one run on a synthetic set.
+"""Speed and size of the data path, the training loops and inference, measured in one run on a synthetic set.
 
-    python bench.py --quick            # under 3 minutes on 2 CPU cores
+    python bench.py --quick                          # demo-sized frames (160 px), about a minute on 2 CPU cores
+    python bench.py --size 512 --studies 6 --quick   # real frame size: 512-640 px, real fields of view and slice counts
     python bench.py --data-dir demo --out-dir runs/demo   # on an existing set and trained run
 
 Prints one line per figure and a final summary line:
-1. series loading in slices/s: load_series cold, load_series from the cache, and a naive baseline
-   (per slice pydicom.dcmread + pixel_array + PIL resize, sorted by instance number);
-2. training step time and the share of wall time the loop waits for data, for both training scripts;
-3. inference seconds per study and peak resident memory.
+1. series loading in slices/s: a naive baseline (per slice pydicom.dcmread + pixel_array + PIL resize, sorted by
+   instance number), load_series cold (decoding, writing the cache) and cached (memory map, every pixel read);
+2. storage per study: DICOM MB, cache MB and their ratio (mean and worst study);
+3. training step time and the share of wall time the loop waits for data, for both training scripts;
+4. inference seconds per study (whole pipeline, no cache and a cold cache) and peak resident memory.
 """
 import argparse
 import os
@@ -32,13 +34,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default="", help="an existing synthetic or competition set (default: make one)")
     parser.add_argument("--out-dir", default="", help="a run folder to write into (default: a temporary one)")
-    parser.add_argument("--studies", type=int, default=12, help="training studies of the generated set")
+    parser.add_argument("--studies", type=int, default=12, help="training studies of the generated set (test: half)")
+    parser.add_argument("--size", type=int, default=160, help="frame size of the generated set (real data: 512)")
     parser.add_argument("--steps", type=int, default=0, help="epochs are cut to this many steps (0: whole epochs)")
-    parser.add_argument("--image-size", type=int, default=96, help="landmark input size, as train_landmarks.py")
+    parser.add_argument("--image-size", type=int, default=0, help="landmark input size (default: 96, or 160 at real "
+                        "frame sizes, as the README's real-data recipe)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers, as the training scripts' default")
-    parser.add_argument("--quick", action="store_true", help="a small set and short runs: under 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="a small set and short runs")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.image_size = args.image_size or (160 if args.size >= synthetic.REAL_FRAME else 96)
+    return args
 
 
 def naive_load(series_dir, size):
@@ -48,20 +54,39 @@ def naive_load(series_dir, size):
     return np.stack([np.asarray(Image.fromarray(ds.pixel_array.astype(np.float32)).resize((size, size))) for ds in datasets])
 
 
+def series_dirs(data_dir, split, max_series):
+    root = os.path.join(data_dir, f"{split}_images")
+    return [os.path.join(root, s, t) for s in sorted(os.listdir(root)) for t in sorted(os.listdir(os.path.join(root, s)))][:max_series]
+
+
 def bench_loading(data_dir, cache_dir, size, max_series=30):
-    """{naive, cold, cached}: slices per second over the first max_series training series."""
-    root = os.path.join(data_dir, "train_images")
-    series_dirs = [os.path.join(root, s, t) for s in sorted(os.listdir(root)) for t in sorted(os.listdir(os.path.join(root, s)))][:max_series]
-    n_slices = sum(len(os.listdir(d)) for d in series_dirs)
+    """{naive, cold, cached}: slices per second over the first max_series training series; cached reads every pixel."""
+    folders = series_dirs(data_dir, "train", max_series)
+    n_slices = sum(len(os.listdir(d)) for d in folders)
     shutil.rmtree(cache_dir, ignore_errors=True)
     rates = {}
     for name, load in (("naive", lambda d: naive_load(d, size)), ("cold", lambda d: data.load_series(d, cache_dir)),
-                       ("cached", lambda d: data.load_series(d, cache_dir))):
+                       ("cached", lambda d: np.asarray(data.load_series(d, cache_dir).volume))):
         started = time.perf_counter()
-        for series_dir in series_dirs:
-            load(series_dir)
+        for folder in folders:
+            load(folder)
         rates[name] = n_slices / (time.perf_counter() - started)
     return rates
+
+
+def folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(folder) for name in names)
+
+
+def bench_storage(data_dir, split, cache_root):
+    """(DICOM MB, cache MB) per study of a split, each study cached into its own folder."""
+    root, sizes = os.path.join(data_dir, f"{split}_images"), []
+    for study in sorted(os.listdir(root)):
+        study_cache = os.path.join(cache_root, study)
+        for series in sorted(os.listdir(os.path.join(root, study))):
+            data.load_series(os.path.join(root, study, series), study_cache)
+        sizes.append((folder_bytes(os.path.join(root, study)) / 1e6, folder_bytes(study_cache) / 1e6))
+    return np.array(sizes)
 
 
 def peak_rss_gib():
@@ -85,13 +110,22 @@ def bench_training(data_dir, run_dir, cache_dir, args):
     return out
 
 
+def bench_inference(data_dir, run_dir, cache_dir, args):
+    """Seconds per test study through the whole pipeline, with no cache ('') or a cold one."""
+    study_ids = sorted(pd.read_csv(os.path.join(data_dir, "test_series_descriptions.csv"))["study_id"].unique())
+    started = time.perf_counter()
+    infer.main(["--data-dir", data_dir, "--out-dir", run_dir, "--cache-dir", cache_dir, "--split", "test",
+                "--severity-checkpoints", os.path.join(run_dir, "severity_last.pt"), "--device", args.device, "--no-score"])
+    return (time.perf_counter() - started) / len(study_ids)
+
+
 def main(argv=None):
     args = parse_args(argv)
     scratch = tempfile.mkdtemp(prefix="bench_")
     data_dir = args.data_dir or os.path.join(scratch, "data")
     if not args.data_dir:
-        studies = 6 if args.quick else args.studies
-        synthetic.make_dataset(data_dir, studies, 3 if args.quick else 6, seed=11, size=160)
+        studies = min(args.studies, 6) if args.quick else args.studies
+        synthetic.make_dataset(data_dir, studies, max(studies // 2, 2), seed=11, size=args.size)
     run_dir, cache_dir = args.out_dir or os.path.join(scratch, "run"), os.path.join(scratch, "cache")
     if args.quick and not args.steps:
         args.steps = 4
@@ -99,20 +133,24 @@ def main(argv=None):
     for name, rate in rates.items():
         print(f"loading {name:7s} {rate:9.1f} slices/s")
     print(f"loading cached/naive {rates['cached'] / rates['naive']:.1f}x")
+    storage = bench_storage(data_dir, "test", os.path.join(scratch, "cache_storage"))
+    ratio = storage[:, 1] / storage[:, 0]
+    print(f"storage per study: DICOM {storage[:, 0].mean():.1f} MB, cache {storage[:, 1].mean():.1f} MB, cache/DICOM mean "
+          f"{ratio.mean():.2f}, worst {ratio.max():.2f} ({len(storage)} studies)")
     training = bench_training(data_dir, run_dir, cache_dir, args)
     for name, (step, wait) in training.items():
         print(f"training {name:9s} {step:6.3f} s/step, data wait {100 * wait:4.1f} % of wall time")
     train_peak = peak_rss_gib()
     print(f"training peak resident memory {train_peak:.2f} GiB")
-    study_ids = sorted(pd.read_csv(os.path.join(data_dir, "test_series_descriptions.csv"))["study_id"].unique())
-    started = time.perf_counter()
-    infer.main(["--data-dir", data_dir, "--out-dir", run_dir, "--cache-dir", os.path.join(scratch, "cache_infer"), "--split", "test",
-                "--severity-checkpoints", os.path.join(run_dir, "severity_last.pt"), "--device", args.device])
-    per_study = (time.perf_counter() - started) / len(study_ids)
-    print(f"inference {per_study:.2f} s/study (cold cache, whole pipeline), peak resident memory {peak_rss_gib():.2f} GiB")
-    print(f"summary: cached loading {rates['cached'] / rates['naive']:.1f}x naive; data wait landmarks "
-          f"{100 * training['landmarks'][1]:.1f} %, severity {100 * training['severity'][1]:.1f} %; inference {per_study:.2f} s/study; "
-          f"training peak memory {train_peak:.2f} GiB")
+    uncached = bench_inference(data_dir, run_dir, "", args)
+    cold = bench_inference(data_dir, run_dir, os.path.join(scratch, "cache_infer"), args)
+    print(f"inference {uncached:.2f} s/study without a cache, {cold:.2f} s/study with a cold cache (whole pipeline), "
+          f"peak resident memory {peak_rss_gib():.2f} GiB")
+    print(f"summary: {args.size} px frames; cached loading {rates['cached'] / rates['naive']:.1f}x naive; cache/DICOM "
+          f"{ratio.mean():.2f} (worst {ratio.max():.2f}); step landmarks {training['landmarks'][0]:.2f} s, severity "
+          f"{training['severity'][0]:.2f} s; data wait landmarks {100 * training['landmarks'][1]:.1f} %, severity "
+          f"{100 * training['severity'][1]:.1f} %; inference {uncached:.2f} s/study (cold cache {cold:.2f}); "
+          f"peak memory {peak_rss_gib():.2f} GiB")
     shutil.rmtree(scratch, ignore_errors=True)
 
 

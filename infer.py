@@ -37,8 +37,12 @@ def parse_args(argv=None):
     parser.add_argument("--landmark-dir", default="", help="folder of landmarks_<type>_best.pt (default: --out-dir)")
     parser.add_argument("--severity-checkpoints", default="", help="comma-separated severity checkpoints to average "
                         "(default: OUT/severity_best.pt)")
+    parser.add_argument("--true-landmarks", action="store_true", help="grade crops at the labelled points instead of "
+                        "predicted ones (train split, or solution_coordinates.csv beside a test split): stage 2 alone")
     parser.add_argument("--tta-shift-mm", type=float, default=0.0, help="also grade crops moved this far up, down, "
                         "forward and back, and average (0: off); softens the cost of a misplaced landmark")
+    parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True, help="measure the landmarks and "
+                        "score the submission where the split's truth is known")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return parser.parse_args(argv)
@@ -90,16 +94,41 @@ def landmark_rows(study_id, study, landmarks):
     return rows
 
 
+def true_landmarks(study, coordinates):
+    """({(condition, level): Landmark}, notes) from the labelled points of a study (coordinates: its label rows)."""
+    found, notes = {}, []
+    for row in coordinates.itertuples(index=False):
+        if row.series_id not in study:
+            notes.append(f"labelled series {row.series_id} not loaded")
+            continue
+        loaded = study[row.series_id]
+        d, col, row_px = data.label_to_volume(loaded.series, row.instance_number, row.x, row.y)
+        found[(row.condition, row.level)] = data.Landmark(loaded.series_type, row.series_id, d, col, row_px, 1.0)
+    return found, notes
+
+
+def truth_coordinates(args):
+    """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside a test split)."""
+    path = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: --true-landmarks needs the split's labelled points")
+    return data.read_coordinates(path)
+
+
 def predict_split(args, study_ids, landmark_models, severity_models, prior, device):
     """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback columns})."""
     descriptions = data.series_by_study(data.read_series_descriptions(
         os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")))
     warn_unlisted(args.data_dir, args.split, descriptions)
+    truth = truth_coordinates(args) if args.true_landmarks else None
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     rows, fallbacks = [], {}
     for i, study_id in enumerate(study_ids):
         study, problems = load_study(args.data_dir, args.split, study_id, descriptions.get(study_id, {}), args.cache_dir)
-        landmarks, notes = predict_landmarks(landmark_models, study, device)
+        if truth is not None:
+            landmarks, notes = true_landmarks(study, truth[truth["study_id"] == study_id])
+        else:
+            landmarks, notes = predict_landmarks(landmark_models, study, device)
         graded, available = grade_study(severity_models, study, landmarks, device, args.tta_shift_mm)
         probabilities[i, available] = graded[available]
         missing = [c for c, ok in zip(data.LABEL_COLUMNS, available.tolist()) if not ok]
@@ -211,7 +240,7 @@ def main(argv=None):
     elapsed = time.time() - started
     print(f"wrote {len(submission)} rows for {len(study_ids)} studies to {os.path.join(args.out_dir, 'submission.csv')} "
           f"({elapsed / max(len(study_ids), 1):.2f} s/study); {len(fallbacks)} studies with fallback rows")
-    return report_truth(args, study_ids, submission, prior)
+    return report_truth(args, study_ids, submission, prior) if args.score else None
 
 
 if __name__ == "__main__":
