@@ -409,14 +409,15 @@ def slice_gap_mm(series, slice_index):
     return float(np.median(np.abs(np.diff(along))))
 
 
-def covering_slice(series, point):
+def covering_slice(series, point, gaps=2.0):
     """(slice index, |distance| mm) of the slice nearest to a patient point among those whose frame holds it, or
-    None when the series does not cover the point: outside every frame, or more than one slice gap from the
-    nearest slice (beyond a stack's ends: between per-disc stacks, or past a series that covers some levels only)."""
+    None when the series does not cover the point: outside every frame, or more than `gaps` slice gaps from the
+    nearest slice. Two gaps (6-10 mm) let a level estimate a few mm off still find its stack, while a level the
+    series does not cover (past a series over some levels only, or between per-disc stacks) lies 20-40 mm away."""
     d, col, row, distance = series_patient_to_pixel(series, point)
     height, width = series.volume.shape[1:]
     inside = -0.5 <= col <= width - 0.5 and -0.5 <= row <= height - 0.5
-    if not inside or abs(distance) > slice_gap_mm(series, d):
+    if not inside or abs(distance) > gaps * slice_gap_mm(series, d):
         return None
     return d, abs(distance)
 

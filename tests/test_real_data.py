@@ -67,21 +67,21 @@ def _axial_series(z_positions, size=100):
                        stack_ids=np.zeros(depth, np.int64), intensity_range=np.array([0.0, 1.0]))
 
 
-def test_covering_slice_is_the_nearest_within_one_slice_gap():
+def test_covering_slice_is_the_nearest_within_two_slice_gaps():
     series = _axial_series([10.0, 14.0, 18.0])
     assert data.covering_slice(series, [0, 0, 13.0]) == (1, 1.0)
-    assert data.covering_slice(series, [0, 0, 21.9])[0] == 2  # within one gap (4 mm) past the last slice
-    assert data.covering_slice(series, [0, 0, 22.5]) is None and data.covering_slice(series, [0, 0, 5.0]) is None
+    assert data.covering_slice(series, [0, 0, 25.9])[0] == 2  # within two gaps (8 mm) past the last slice
+    assert data.covering_slice(series, [0, 0, 26.5]) is None and data.covering_slice(series, [0, 0, 1.0]) is None
     assert data.covering_slice(series, [80.0, 0, 14.0]) is None  # outside the field of view
 
 
 def test_each_level_comes_from_the_axial_series_that_covers_it_and_an_uncovered_one_is_named(monkeypatch):
-    upper, lower = _axial_series([12.0 + 4 * k for k in range(10)]), _axial_series([-28.0 + 4 * k for k in range(8)])
+    upper, lower = _axial_series([16.0 + 4 * k for k in range(9)]), _axial_series([-28.0 + 4 * k for k in range(7)])
     sagittal = _axial_series([0.0])  # one sagittal slice at x = 0: columns run posterior, rows inferior from z = 60
     sagittal.positions[:], sagittal.orientations[:] = [0.0, -49.5, 60.0], [0, 1, 0, 0, 0, -1]
     study = {1: data.StudySeries("Sagittal T2/STIR", 1, sagittal), 2: data.StudySeries("Axial T2", 2, upper),
              3: data.StudySeries("Axial T2", 3, lower)}
-    level_z = np.array([40.0, 20.0, 0.0, -20.0, -40.0])  # L1/L2 .. L5/S1; the upper series covers 12..48 mm, the lower -28..0
+    level_z = np.array([40.0, 20.0, 0.0, -20.0, -40.0])  # L1/L2 .. L5/S1; the upper series covers 16..48 mm, the lower -28..-4
     canal = np.stack([np.zeros(5), np.full(5, 49.5), 60.0 - level_z], axis=1)  # (slice, col, row) of x = y = 0 at each level
     monkeypatch.setattr(models, "predict_sagittal", lambda model, series, size, device: (canal, np.ones(5)))
     monkeypatch.setattr(models, "predict_axial", lambda model, series, d, size, device: (np.array([[60.0, 50], [40, 50]]), np.ones(2)))
