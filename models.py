@@ -7,8 +7,10 @@ them on a study: checkpoints -> landmarks -> graded crops.
     >>> SeverityNet(n_slices=5)(torch.zeros(4, 5, 48, 48), torch.tensor([0, 1, 2, 2])).shape   # crops, groups
     torch.Size([4, 3])
 """
+import functools
 import json
 import os
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -139,10 +141,18 @@ def heat_to_volume(points, heat_hw, volume_hw):
 
 
 @torch.no_grad()
-def predict_sagittal(model, series, image_size, device):
-    """All points of a sagittal series -> (K, 3) [slice, col, row] in volume pixels and (K,) confidence."""
+def predict_sagittal(model, series, image_size, device, where=None):
+    """All points of a sagittal series -> (K, 3) [slice, col, row] in volume pixels and (K,) confidence.
+
+    where(heat_hw) -> (K, D, h, w) bool, if given, says which heatmap cells each point may take; a point with no
+    allowed cell stays free.
+    """
     x = inputs.sagittal_input(inputs.sagittal_slices(series, image_size), series)[None].to(device)  # (1, D, 2, S, S)
     logits = model(x).float()
+    if where is not None:
+        allowed = torch.as_tensor(where(tuple(logits.shape[-2:])), device=logits.device)
+        allowed |= ~allowed.flatten(1).any(1)[:, None, None, None]
+        logits = logits.masked_fill(~allowed[None], -1e4)
     points, confidence = decode_heatmaps(logits, torch.ones(1, x.shape[1], dtype=torch.bool))
     return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence[0].numpy()
 
@@ -155,6 +165,29 @@ def predict_axial(model, series, slice_index, image_size, device):
     logits = model(x).float()
     points, confidence = decode_heatmaps(logits, torch.ones(1, 1, dtype=torch.bool))
     return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:])[:, 1:], confidence[0].numpy()
+
+
+FORAMEN_REACH_MM = 20.0  # a foramen lies within ~15 mm of its level's canal point in the sagittal plane, the next level's ~35 mm
+FORAMEN_LATERAL_MM = 5.0  # and at least this far to its own side of the canal (foramina sit 15-25 mm off the midline)
+
+
+def foramen_cells(series, canal_mm, heat_hw):
+    """(10, D, h, w) bool: the heatmap cells of a Sagittal T1 series where each foramen (POINTS_OF_SERIES order) may
+    lie, given the canal points (5, 3) mm of the study's Sagittal T2/STIR: slices on its own side of the canal
+    (patient +x is the left) and within FORAMEN_REACH_MM of its level's canal point. One series then keeps another
+    from slipping to the next level or to the other side."""
+    depth, volume_hw = len(series.positions), series.volume.shape[1:]
+    centres = data.to_original(np.stack(np.meshgrid(np.arange(heat_hw[1]), np.arange(heat_hw[0])), -1), volume_hw, heat_hw)
+    allowed = np.zeros((len(data.POINTS_OF_SERIES["Sagittal T1"]), depth) + tuple(heat_hw), dtype=bool)
+    for k, (condition, level) in enumerate(data.POINTS_OF_SERIES["Sagittal T1"]):
+        point = canal_mm[data.LEVELS.index(level)]
+        cols, rows, distances = data.patient_to_pixel(series.positions, series.orientations, series.pixel_spacing, point[None])
+        lateral = -distances * data.slice_normals(series.orientations)[:, 0]  # slice x minus canal x, mm
+        side = lateral >= FORAMEN_LATERAL_MM if condition.startswith("left") else lateral <= -FORAMEN_LATERAL_MM
+        reach = np.hypot((centres[None, ..., 0] - cols[:, None, None]) * series.pixel_spacing[:, 1, None, None],
+                         (centres[None, ..., 1] - rows[:, None, None]) * series.pixel_spacing[:, 0, None, None])
+        allowed[k] = side[:, None, None] & (reach <= FORAMEN_REACH_MM)
+    return allowed
 
 
 def axial_slices_for_levels(axial, level_points_mm):
@@ -187,30 +220,35 @@ def landmarks_mm(study, landmarks):
 
 
 def level_points_mm(study, found):
-    """(5, 3) patient mm of each disc level near the midline, or None: the mean of two independent estimates
-    where both exist, the canal points (Sagittal T2/STIR) and the midpoint of the left and right foramina
-    (Sagittal T1), so one series' craniocaudal slip moves the chosen axial slice only half as far."""
-    estimates = []
-    if all(("spinal_canal_stenosis", lv) in found for lv in data.LEVELS):
-        estimates.append(landmarks_mm(study, [found[("spinal_canal_stenosis", lv)] for lv in data.LEVELS]))
-    sides = [f"{s}_neural_foraminal_narrowing" for s in ("left", "right")]
-    if all((c, lv) in found for c in sides for lv in data.LEVELS):
-        both = [landmarks_mm(study, [found[(c, lv)] for lv in data.LEVELS]) for c in sides]
-        estimates.append((both[0] + both[1]) / 2)
-    return np.mean(estimates, axis=0) if estimates else None
+    """(5, 3) patient mm of each disc level, or None, from three independent estimates: the canal point (Sagittal
+    T2/STIR) and the left and right foramen (Sagittal T1). With all three, their coordinate-wise median: one point
+    slipped to the next level (a foramen 35 mm off) is outvoted, and the midline x is kept. With the canal or the
+    foramina alone, the canal point or the foramina's midpoint."""
+    names = ["spinal_canal_stenosis"] + [f"{side}_neural_foraminal_narrowing" for side in ("left", "right")]
+    estimates = [landmarks_mm(study, [found[(c, lv)] for lv in data.LEVELS]) if all((c, lv) in found for lv in data.LEVELS)
+                 else None for c in names]
+    if all(e is not None for e in estimates):
+        return np.median(np.stack(estimates), axis=0)
+    if estimates[0] is not None:
+        return estimates[0]
+    return (estimates[1] + estimates[2]) / 2 if estimates[1] is not None and estimates[2] is not None else None
 
 
 def predict_landmarks(landmark_models, study, device):
     """({(condition, level): data.Landmark}, [notes on points not found]) for a study {series_id: StudySeries}.
 
     Every series of a type is read: a sagittal point comes from the series where the model is most confident;
-    an axial level from the series and stack that cover the level's point (choose_axial_slice).
+    the foramina are sought near their level's canal point, on their own side (foramen_cells); an axial level
+    comes from the series and stack that cover the level's point (choose_axial_slice).
     """
     found, notes = {}, []
-    for series_type in ("Sagittal T2/STIR", "Sagittal T1"):
+    for series_type in ("Sagittal T2/STIR", "Sagittal T1"):  # the canal first: it places the foramina
         model, settings = landmark_models.get(data.SERIES_TAGS[series_type], (None, None))
+        canal = [found.get(("spinal_canal_stenosis", lv)) for lv in data.LEVELS]
+        canal_mm = landmarks_mm(study, canal) if series_type == "Sagittal T1" and all(canal) else None
         for loaded in data.series_of_type(study, series_type) if model else []:
-            points, confidence = predict_sagittal(model, loaded.series, settings["image_size"], device)
+            where = None if canal_mm is None else functools.partial(foramen_cells, loaded.series, canal_mm)
+            points, confidence = predict_sagittal(model, loaded.series, settings["image_size"], device, where)
             for name, point, score in zip(data.POINTS_OF_SERIES[series_type], points, confidence):
                 if name not in found or score > found[name].confidence:
                     found[name] = data.Landmark(series_type, loaded.series_id, *point, float(score))
@@ -237,22 +275,24 @@ def predict_landmarks(landmark_models, study, device):
 def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
     """(25, 3) mean probabilities of the severity models (NaN rows without a landmark) and the (25,) availability.
 
-    Each model grades crops made with its own checkpoint's settings. shift_mm > 0 also grades crops moved that far
-    along the image's columns and rows (test-time augmentation) and averages.
+    severity_models: [SeverityModel]. Each grades crops made with its own checkpoint's settings, its logits divided
+    by its per-group temperature. shift_mm > 0 also grades crops moved that far along the image's columns and rows
+    (test-time augmentation) and averages.
     """
     offsets = [(0.0, 0.0)] + ([(shift_mm, 0.0), (-shift_mm, 0.0), (0.0, shift_mm), (0.0, -shift_mm)] if shift_mm else [])
     total, count, available = np.zeros((data.N_LABELS, data.N_SEVERITIES)), 0, None
     for along_col, along_row in offsets:
         moved = shifted(study, landmarks, along_col, along_row)
         crops_of = {}  # settings -> crops: models sharing settings share crops
-        for model, settings in severity_models:
+        for model, settings, temperatures in severity_models:
             key = json.dumps(settings, sort_keys=True)
             if key not in crops_of:
                 crops_of[key] = inputs.study_crops(study, moved, settings)
             crops, groups, available = crops_of[key]
             if available.any():
-                logits = model(crops[available].to(device), groups[available].to(device)).float()
-                total[available.numpy()] += logits.softmax(-1).cpu().numpy()
+                logits = model(crops[available].to(device), groups[available].to(device)).float().cpu()
+                scaled = logits / torch.as_tensor(temperatures, dtype=torch.float32)[groups[available], None]
+                total[available.numpy()] += scaled.softmax(-1).numpy()
             count += 1
     total[~available.numpy()] = np.nan
     return total / count, available.numpy()
@@ -287,13 +327,17 @@ def load_landmark_models(folder, device):
     return found
 
 
+# a trained severity network with the crop settings it reads and its per-group temperature (calibration)
+SeverityModel = namedtuple("SeverityModel", "net settings temperatures")
+
+
 def load_severity_models(paths, device):
-    """[(SeverityNet, settings)] of severity checkpoints, and the training prior (25, 3) of the first one."""
+    """[SeverityModel] of severity checkpoints, and the training prior (25, 3) of the first one."""
     found, prior = [], None
     for path in paths:
         checkpoint = torch.load(path, map_location=device, weights_only=False)
         model = SeverityNet(checkpoint["settings"]["n_slices"]).to(device)
         model.load_state_dict(checkpoint["model"])
-        found.append((model.eval(), checkpoint["settings"]))
+        found.append(SeverityModel(model.eval(), checkpoint["settings"], checkpoint.get("temperatures", [1.0] * len(data.GROUPS))))
         prior = np.asarray(checkpoint["prior"]) if prior is None else prior
     return found, prior

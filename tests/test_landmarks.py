@@ -66,3 +66,41 @@ def test_pretrained_weights_load_from_a_local_file_and_a_wrong_file_is_named(tmp
     for name in ("notes.txt", "wrong.pth"):
         with pytest.raises(ValueError, match=f"{name}: not a ResNet-18 state dict"):
             models.LandmarkNet(5, pretrained_path=str(tmp_path / name))
+
+
+def _sagittal(xs, size=200):
+    """A sagittal stack at patient x = xs (mm), columns running posterior and rows inferior, 1 mm pixels: pixel
+    (col, row) lies at y = col - 100, z = 100 - row."""
+    depth = len(xs)
+    return data.Series(volume=np.zeros((depth, size, size), np.float32), instance_numbers=np.arange(1, depth + 1),
+                       positions=np.array([[x, -100.0, 100.0] for x in xs]), orientations=np.tile([0.0, 1, 0, 0, 0, -1], (depth, 1)),
+                       pixel_spacing=np.ones((depth, 2)), original_sizes=np.tile([size, size], (depth, 1)),
+                       stack_ids=np.zeros(depth, np.int64), intensity_range=np.array([0.0, 1.0]))
+
+
+def test_foramina_are_sought_on_their_own_side_near_their_levels_canal_point():
+    xs = np.arange(-20.0, 21.0, 4.0)  # slices at x = -20 .. 20 mm; the canal at x = 0
+    series = _sagittal(xs)
+    canal = np.array([[0.0, 0.0, z] for z in (70.0, 35.0, 0.0, -35.0, -70.0)])  # levels 35 mm apart, as in an adult
+    cells = models.foramen_cells(series, canal, (200, 200))  # heat grid = volume grid here
+    names = data.POINTS_OF_SERIES["Sagittal T1"]
+    left, right = names.index(("left_neural_foraminal_narrowing", "l2_l3")), names.index(("right_neural_foraminal_narrowing", "l2_l3"))
+    assert set(np.flatnonzero(cells[left].any((1, 2)))) == set(np.flatnonzero(xs >= 5))  # patient left: +x
+    assert set(np.flatnonzero(cells[right].any((1, 2)))) == set(np.flatnonzero(xs <= -5))
+    rows, cols = np.nonzero(cells[left, -1])
+    distance = np.hypot(cols - 100.0, rows - 65.0)  # mm from the L2/L3 canal point (y 0, z 35: col 100, row 65)
+    assert distance.max() <= models.FORAMEN_REACH_MM and distance.max() > models.FORAMEN_REACH_MM - 1.5
+    assert cells[left, -1, 63, 90]  # where a foramen sits: 10 mm in front of the canal, 2 mm above its disc
+    assert not cells[left, -1, 30, 90] and not cells[left, -1, 100, 90]  # the same spot a level up or down is not
+
+
+def test_a_point_outside_its_allowed_cells_is_decoded_inside_them():
+    logits = torch.full((1, 1, 2, 10, 10), -10.0)
+    logits[0, 0, 1, 2, 2] = 10.0  # the strongest peak, on a forbidden slice
+    logits[0, 0, 0, 7, 6] = 5.0  # a weaker one where the point may lie
+    allowed = torch.zeros(1, 2, 10, 10, dtype=torch.bool)
+    allowed[0, 0] = True
+    masked = logits.masked_fill(~allowed[None], -1e4)
+    free, _ = models.decode_heatmaps(logits, torch.ones(1, 2, dtype=torch.bool))
+    held, _ = models.decode_heatmaps(masked, torch.ones(1, 2, dtype=torch.bool))
+    assert free[0, 0].tolist() == [1.0, 2.0, 2.0] and held[0, 0].tolist() == pytest.approx([0.0, 6.0, 7.0], abs=1e-3)
