@@ -100,13 +100,14 @@ def mirror_axial(image, targets, direction):
 # 2.5D crops for the severity network
 
 
-def crop_2p5d(series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False, flip_columns=False):
+def crop_2p5d(series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False, flip_columns=False, degrees=0.0):
     """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
 
     (col, row) in the series' volume pixels. Neighbours are clamped at the ends of the slice's own stack, so a
     crop never mixes two tilted per-disc stacks. Each slice is sampled with its own pixel spacing, so the crop
     covers the same millimetres whatever the resolution. Intensities are normalised over the whole series.
-    reverse flips the slice order and flip_columns the columns (mirroring a right-side structure onto the left).
+    reverse flips the slice order and flip_columns the columns (mirroring a right-side structure onto the left);
+    degrees turns the crop about its centre (augmentation).
     """
     depth, height, width = series.volume.shape
     centre = int(np.clip(round(float(slice_index)), 0, depth - 1))
@@ -116,11 +117,12 @@ def crop_2p5d(series, slice_index, col, row, size_mm, out_px, n_slices, reverse=
         picks = picks[::-1].copy()
     spacing = series.pixel_spacing[picks]  # (S, 2) [row, col] mm
     steps = (np.arange(out_px) + 0.5) / out_px - 0.5  # (out_px,) fractions of the crop, pixel centres
-    cols = col + steps[None, :] * size_mm / spacing[:, 1:2]  # (S, out_px) volume columns
-    rows = row + steps[None, :] * size_mm / spacing[:, 0:1]
-    grid_x = torch.as_tensor((2 * cols + 1) / width - 1, dtype=torch.float32)[:, None, :].expand(-1, out_px, -1)
-    grid_y = torch.as_tensor((2 * rows + 1) / height - 1, dtype=torch.float32)[:, :, None].expand(-1, -1, out_px)
-    grid = torch.stack([grid_x, grid_y], dim=-1)  # (S, out_px, out_px, 2)
+    across, down = np.meshgrid(steps * size_mm, steps * size_mm)  # (out_px, out_px) mm right of and below the centre
+    turn = np.radians(degrees)
+    right, below = np.cos(turn) * across - np.sin(turn) * down, np.sin(turn) * across + np.cos(turn) * down
+    cols = col + right[None] / spacing[:, 1, None, None]  # (S, out_px, out_px) volume columns
+    rows = row + below[None] / spacing[:, 0, None, None]
+    grid = torch.as_tensor(np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1), dtype=torch.float32)
     images = torch.as_tensor(normalise(series.volume[picks], series.intensity_range))[:, None]
     crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
     return crops.flip(-1) if flip_columns else crops
@@ -140,12 +142,12 @@ def mirror_flags(series, slice_index, condition):
     return False, bool(orientation[0] * lateral < 0)  # axial: columns run along u
 
 
-def study_crops(study, landmarks, settings):
+def study_crops(study, landmarks, settings, degrees=None):
     """Crops (25, S, C, C) in LABEL_COLUMNS order, condition groups (25,), and which rows have a landmark (25,).
 
     study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings: the severity
     checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}. Right-side crops are
-    mirrored onto the left (mirror_flags), so one head serves both sides.
+    mirrored onto the left (mirror_flags), so one head serves both sides. degrees (25,): turn each crop (training).
     """
     n_slices, out_px = settings["n_slices"], settings["crop_px"]
     crops = torch.zeros(data.N_LABELS, n_slices, out_px, out_px)
@@ -158,7 +160,7 @@ def study_crops(study, landmarks, settings):
         series = study[landmark.series_id].series
         reverse, flip_columns = mirror_flags(series, landmark.slice, condition)
         crops[j] = crop_2p5d(series, landmark.slice, landmark.col, landmark.row, settings["crop_mm"][groups[j]], out_px,
-                             n_slices, reverse, flip_columns)
+                             n_slices, reverse, flip_columns, 0.0 if degrees is None else degrees[j])
         available[j] = True
     return crops, groups, available
 

@@ -20,8 +20,8 @@ import data
 import inputs
 import losses
 import training
-from models import SeverityNet, grade_study, load_landmark_models, predict_landmarks
-from viz import save_confusion_png
+from models import SeverityModel, SeverityNet, grade_study, load_landmark_models, predict_landmarks
+from viz import save_confusion_png, save_crops_png
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -39,6 +39,9 @@ def parse_args(argv=None):
                         help=f"crop side in mm per condition group ({', '.join(data.GROUPS)})")
     parser.add_argument("--jitter-mm", type=float, default=7.0, help="max crop-centre jitter in training, mm per axis")
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
+    parser.add_argument("--rotate-degrees", type=float, default=0.0, help="max in-plane turn of each training crop, degrees")
+    parser.add_argument("--severe-repeat", type=int, default=1, help="studies with a Severe label appear this many times "
+                        "per epoch (1: once, as the others)")
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
     # optimization
@@ -121,7 +124,8 @@ class StudyCrops(torch.utils.data.Dataset):
         study, landmarks = load_labelled_study(entry, self.args.cache_dir)
         if self.augment:
             landmarks = inputs.jitter_landmarks(study, landmarks, self.args.jitter_mm, self.args.slice_jitter)
-        crops, groups, available = inputs.study_crops(study, landmarks, self.settings)
+        degrees = np.random.uniform(-1, 1, data.N_LABELS) * self.args.rotate_degrees if self.augment and self.args.rotate_degrees else None
+        crops, groups, available = inputs.study_crops(study, landmarks, self.settings, degrees)
         if self.augment:
             crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
         labels = torch.as_tensor(entry.labels).masked_fill(~available, data.MISSING)
@@ -149,23 +153,24 @@ def describe_series_spread(entries):
 
 
 @torch.no_grad()
-def predict_entries(model, settings, prior, entries, cache_dir, device, landmark_models=None):
+def predict_entries(severity_model, prior, entries, cache_dir, device, landmark_models=None):
     """(N, 25, 3) probabilities: on true landmarks, or on stage-1 predictions when landmark_models is given."""
+    model = severity_model.net
     model.eval()
     out = np.broadcast_to(prior, (len(entries),) + prior.shape).copy()
     for i, entry in enumerate(entries):
         study, landmarks = load_labelled_study(entry, cache_dir)
         if landmark_models is not None:
             landmarks, _ = predict_landmarks(landmark_models, study, device)
-        graded, available = grade_study([(model, settings)], study, landmarks, device)
+        graded, available = grade_study([severity_model], study, landmarks, device)
         out[i, available] = graded[available]
     model.train()
     return out
 
 
-def evaluate(model, settings, prior, entries, args, device, landmark_models=None):
+def evaluate(severity_model, prior, entries, args, device, landmark_models=None):
     """({score, val_loss_spinal, val_loss_foraminal, val_loss_subarticular, val_loss_any_severe_spinal}, probabilities)."""
-    probabilities = predict_entries(model, settings, prior, entries, args.cache_dir, device, landmark_models)
+    probabilities = predict_entries(severity_model, prior, entries, args.cache_dir, device, landmark_models)
     study_ids = [e.study_id for e in entries]
     solution = losses.labels_to_solution(study_ids, np.stack([e.labels for e in entries]))
     terms = losses.condition_group_losses(solution, losses.probabilities_to_submission(study_ids, losses.finalise(probabilities)))
@@ -211,12 +216,16 @@ def final_validation(model, settings, prior, entries, landmark_models, args, dev
     """Validation of the best checkpoint on true and on predicted landmarks (the honest number), with confusion PNGs."""
     best = torch.load(os.path.join(args.out_dir, "severity_best.pt"), map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
-    true_metrics, _ = evaluate(model, settings, prior, entries, args, device)
+    temperatures = best["temperatures"]
+    true_metrics, _ = evaluate(SeverityModel(model, settings, temperatures), prior, entries, args, device)
     print(f"validation score on true landmarks {true_metrics['score']:.4f}")
     if not landmark_models:
         print(f"NO HONEST VALIDATION: no landmark checkpoints in {args.landmark_dir or args.out_dir}")
         return dict(true_landmarks=true_metrics)
-    honest, probabilities = evaluate(model, settings, prior, entries, args, device, landmark_models)
+    honest, probabilities = evaluate(SeverityModel(model, settings, temperatures), prior, entries, args, device, landmark_models)
+    collapsed = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in entries]), probabilities.argmax(-1)))
+    if collapsed:
+        warnings.warn(collapse_message(collapsed, "validation studies (predicted landmarks, best checkpoint)"))
     matrices = confusion_matrices(entries, probabilities)
     save_confusion_png(os.path.join(args.out_dir, "confusion_predicted_landmarks.png"), matrices)
     for name, matrix in matrices.items():
@@ -234,7 +243,7 @@ def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
     started, batch_losses, waited = time.time(), [], 0.0
     lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # defined even when the loader is empty
     fetch_start = time.time()
-    off_series = 0
+    off_series, seen_labels, seen_guesses = 0, [], []
     for batch_index, (crops, groups, labels, indices, batch_off_series) in enumerate(loader):
         if batch_index >= steps_per_epoch:
             break
@@ -253,14 +262,27 @@ def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
             raise FloatingPointError(f"severity: non-finite loss at step {step} (epoch {epoch}), studies {studies}")
         training.optimizer_step(loss, optimizer, scaler)
         batch_losses.append(loss.item())
+        seen_labels.append(labels.view(-1, data.N_LABELS).cpu()), seen_guesses.append(logits.argmax(-1).view(-1, data.N_LABELS).cpu())
         step += 1
         if runtime.rank == 0:
             training.print_progress("severity", epoch, args.epochs, batch_index, steps_per_epoch, batch_losses, lr, started,
                                     total_steps - step)
         fetch_start = time.time()
     seconds = time.time() - started
+    collapsed = losses.collapsed_groups(torch.cat(seen_labels), torch.cat(seen_guesses)) if seen_labels else {}
     return step, dict(lr=lr, train_loss=float(np.mean(batch_losses)) if batch_losses else float("nan"),
-                      crops_off_series=off_series, data_wait=waited / max(seconds, 1e-9), seconds=seconds)
+                      crops_off_series=off_series, collapsed=describe_collapse(collapsed), data_wait=waited / max(seconds, 1e-9),
+                      seconds=seconds)
+
+
+def describe_collapse(collapsed):
+    """'spinal:Moderate;foraminal:Normal/Mild' for the log ('' when healthy)."""
+    return ";".join(f"{group}:{grade}" for group, grade in collapsed.items())
+
+
+def collapse_message(description, where):
+    return (f"COLLAPSED PREDICTIONS on the {where}: every row of a condition group graded one class "
+            f"({description.replace(';', ', ')}): the model is not reading the crops (README: 'A model that does not learn')")
 
 
 def split_entries(entries, args):
@@ -288,8 +310,10 @@ def main(argv=None):
     prior = losses.weighted_prior(np.stack([e.labels for e in train_entries]), smoothing=1.0)  # (25, 3) fallback rows
     landmark_models = honest_landmark_models(args, runtime.device) if val_entries and main_process else {}
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))  # inference rebuilds crops from these
+    temperatures = [1.0] * len(data.GROUPS)
 
-    dataset = StudyCrops(train_entries, settings, args, augment=not args.overfit_batches)
+    severe = [e for e in train_entries if (e.labels == data.SEVERITIES.index("Severe")).any()]
+    dataset = StudyCrops(train_entries + severe * (args.severe_repeat - 1), settings, args, augment=not args.overfit_batches)
     loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args, runtime)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
@@ -303,6 +327,8 @@ def main(argv=None):
     if main_process:
         print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
         describe_series_spread(train_entries)
+        crops, groups, labels = collate_studies([dataset[i] for i in range(min(4, len(dataset)))])[:3]
+        save_crops_png(os.path.join(args.out_dir, "crops_train.png"), crops, groups, labels)  # look before you train
     row = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
@@ -315,18 +341,24 @@ def main(argv=None):
         if not main_process:
             continue
         print()
-        metrics = evaluate(model, settings, prior, val_entries, args, runtime.device)[0] if val_entries else {}
+        metrics, probabilities = evaluate(SeverityModel(model, settings, temperatures), prior, val_entries, args, runtime.device) if val_entries else ({}, None)
+        if probabilities is not None:  # collapse is judged on validation when there is one, else on the training batches
+            stats["collapsed"] = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in val_entries]), probabilities.argmax(-1)))
+        if stats["collapsed"]:
+            print("  " + collapse_message(stats["collapsed"], f"{'validation' if val_entries else 'training'} studies"))
         row = dict(epoch=epoch, step=step, lr=stats.pop("lr"), train_loss=stats.pop("train_loss"), **metrics, **stats)
         log.write(row)
         training.print_row(row)
         score = metrics.get("score", train_loss)
         checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), settings=settings,
-                          prior=prior.tolist(), epoch=epoch, step=step, best=min(best, score))
+                          temperatures=temperatures, prior=prior.tolist(), epoch=epoch, step=step, best=min(best, score))
         training.save_checkpoint(last_path, checkpoint)
         if score <= best:
             best = score
             training.save_checkpoint(best_path, checkpoint)
     training.end_distributed(runtime)
+    if main_process and row.get("collapsed"):
+        warnings.warn(collapse_message(row["collapsed"], f"{'validation' if val_entries else 'training'} studies at the last epoch"))
     if main_process and val_entries:
         return final_validation(model, settings, prior, val_entries, landmark_models, args, runtime.device)
     return row

@@ -1,11 +1,13 @@
-"""Pictures a person can check at a glance (Pillow only): landmark overlays and confusion matrices.
+"""Pictures a person can check at a glance (Pillow only): landmark overlays, severity crops, confusion matrices.
 
     write_overlay("overlay.png", series, true_points, predicted_points, point_names)
+    save_crops_png("crops.png", crops, groups, labels)      # what the severity network sees, with the grades
     save_confusion_png("confusion.png", {"spinal": counts_3x3, ...})
 """
 import numpy as np
 from PIL import Image, ImageDraw
 
+import data
 import inputs
 
 
@@ -48,4 +50,24 @@ def save_confusion_png(path, matrices):
                 draw.rectangle(box, fill=(shade, shade, 255), outline="black")
                 draw.text((box[0] + 8, box[1] + 14), str(matrix[i, j]), fill="black")
         draw.text((x0, 150), "rows: true N/M/S", fill="black")
+    canvas.save(path)
+
+
+def save_crops_png(path, crops, groups, labels, per_group=8):
+    """The centre slice of up to per_group crops of each condition group, one row a group, labelled with its grade:
+    what the severity network sees. crops (N, S, C, C) normalised, groups and labels (N,)."""
+    size, rows = crops.shape[-1] * 2, []
+    for g in range(len(data.GROUPS)):
+        picks = np.flatnonzero(np.asarray(groups) == g)[:per_group]
+        row = Image.new("RGB", (per_group * (size + 4), size + 14), "black")
+        draw = ImageDraw.Draw(row)
+        for k, i in enumerate(picks):
+            image = (crops[i, crops.shape[1] // 2].clamp(0, 1).numpy() * 255).astype(np.uint8)
+            row.paste(Image.fromarray(image).resize((size, size)).convert("RGB"), (k * (size + 4), 14))
+            grade = "?" if labels[i] < 0 else data.SEVERITIES[int(labels[i])].split("/")[0]
+            draw.text((k * (size + 4) + 2, 1), f"{data.GROUPS[g][:4]} {grade}", fill=(255, 255, 0))
+        rows.append(row)
+    canvas = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)))
+    for k, row in enumerate(rows):
+        canvas.paste(row, (0, k * row.height))
     canvas.save(path)

@@ -86,3 +86,43 @@ def test_any_severe_loss_equals_the_metric_term():
     all_logits[:, :5] = logits  # the loss takes whole studies' rows and picks the spinal ones itself
     loss = losses.any_severe_loss(all_logits.view(-1, 3), torch.tensor(labels).view(-1))
     assert loss.item() == pytest.approx(metric["any_severe_spinal"], rel=1e-5)
+
+
+def test_collapse_is_named_for_a_group_graded_one_class_and_not_for_a_healthy_one():
+    rng = np.random.default_rng(0)
+    labels = rng.choice(3, size=(20, 25), p=[0.7, 0.2, 0.1])
+    labels[0, 0] = data.MISSING
+    healthy = np.where(rng.random((20, 25)) < 0.8, labels, rng.choice(3, size=(20, 25)))  # mostly right, not constant
+    assert losses.collapsed_groups(labels, np.clip(healthy, 0, 2)) == {}
+    collapsed = healthy.copy()
+    collapsed[:, 0:5] = 1  # every spinal row graded Moderate
+    collapsed[:, 15:25] = 2  # every subarticular row graded Severe
+    assert losses.collapsed_groups(labels, collapsed) == {"spinal": "Moderate", "subarticular": "Severe"}
+    one_class = np.zeros((20, 25), dtype=np.int64)  # a group whose truth is all one class cannot be said to collapse
+    assert losses.collapsed_groups(one_class, one_class) == {}
+
+
+def test_fitted_temperatures_minimise_the_metric_on_the_rows_they_were_fitted_to():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(size=(300, 25, 3)) * 1.5
+    true_logits[..., 0] += 1.5  # mostly Normal/Mild, as real grades are
+    probabilities = np.exp(true_logits) / np.exp(true_logits).sum(-1, keepdims=True)
+    labels = (rng.random((300, 25, 1)) > probabilities.cumsum(-1)).sum(-1).clip(0, 2)
+    labels[rng.random((300, 25)) < 0.02] = data.MISSING
+    overconfident = true_logits * 3.0
+    temperatures = losses.fit_temperatures(overconfident, labels)
+    solution = losses.labels_to_solution(np.arange(300), labels)
+
+    def metric(scale):  # the competition's own terms, each group's logits divided by its temperature times scale
+        t = np.repeat(np.asarray(temperatures) * scale, [5, 10, 10])[None, :, None]
+        p = np.exp(overconfident / t)
+        return losses.condition_group_losses(solution, losses.probabilities_to_submission(np.arange(300), p / p.sum(-1, keepdims=True)))
+
+    fitted, sharper, softer = metric(1.0), metric(0.85), metric(1.15)
+    raw = metric(1 / np.asarray(temperatures))  # temperature 1: the model as it came
+    assert all(t > 1.5 for t in temperatures)  # three times too confident: the fit softens every group
+    for name in ("foraminal", "subarticular"):
+        assert fitted[name] <= min(sharper[name], softer[name]) + 1e-9
+    spinal_pair = lambda m: m["spinal"] + m["any_severe_spinal"]  # noqa: E731 - the spinal temperature serves both terms
+    assert spinal_pair(fitted) <= min(spinal_pair(sharper), spinal_pair(softer)) + 1e-9
+    assert np.mean(list(fitted.values())) < np.mean(list(raw.values()))

@@ -96,10 +96,28 @@ def test_landmark_overfit_mode_drives_the_loss_down(tiny, tmp_path):
 
 def test_severity_overfit_mode_drives_the_loss_down(tiny, tmp_path):
     run = tmp_path / "overfit"
-    train_severity.main(_common(tiny, run) + ["--overfit-batches", "1", "--batch-size", "2", "--epochs", "25",
-                                              "--warmup-steps", "3", "--crop-px", "32"])
-    losses = pd.read_csv(run / "severity.csv")["train_loss"].to_numpy()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_severity.main(_common(tiny, run) + ["--overfit-batches", "1", "--batch-size", "2", "--epochs", "25",
+                                                  "--warmup-steps", "3", "--crop-px", "32"])
+    log = pd.read_csv(run / "severity.csv", keep_default_na=False)
+    losses = log["train_loss"].to_numpy()
     assert losses[-1] < 0.2 * losses[0], losses
+    assert log["collapsed"].iloc[-1] == "" and not [w for w in caught if "COLLAPSED" in str(w.message)]  # a healthy model
+
+
+def test_a_collapsed_severity_model_is_named_loudly(tiny, tmp_path, monkeypatch):
+    import torch
+    import models
+
+    def one_class(self, crops, groups):  # grades every crop Moderate, whatever it shows
+        return torch.tensor([0.0, 5.0, 0.0]).expand(len(crops), 3) + 0 * sum(p.sum() for p in self.parameters())
+
+    monkeypatch.setattr(models.SeverityNet, "forward", one_class)
+    with pytest.warns(UserWarning, match=r"COLLAPSED PREDICTIONS on the training studies at the last epoch: .*spinal:Moderate"):
+        train_severity.main(_common(tiny, tmp_path / "run") + ["--epochs", "2", "--all-studies", "--crop-px", "32"])
+    log = pd.read_csv(tmp_path / "run" / "severity.csv", keep_default_na=False)
+    assert all("spinal:Moderate" in c and "foraminal:Moderate" in c for c in log["collapsed"])
 
 
 def test_listed_series_missing_on_disk_and_unlisted_folders_are_named(tiny, trained, tmp_path):
