@@ -20,6 +20,7 @@ import pandas as pd
 
 import data
 import losses
+import tables
 import training
 from models import grade_study, load_landmark_models, load_severity_models, predict_landmarks
 
@@ -112,12 +113,12 @@ def truth_coordinates(args):
     path = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: --true-landmarks needs the split's labelled points")
-    return data.read_coordinates(path)
+    return tables.read_coordinates(path)
 
 
 def predict_split(args, study_ids, landmark_models, severity_models, prior, device):
     """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback columns})."""
-    descriptions = data.series_by_study(data.read_series_descriptions(
+    descriptions = tables.series_by_study(tables.read_series_descriptions(
         os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")))
     warn_unlisted(args.data_dir, args.split, descriptions)
     truth = truth_coordinates(args) if args.true_landmarks else None
@@ -211,8 +212,8 @@ def report_truth(args, study_ids, submission, prior):
     """Landmark errors and the score against the truth, where the split has it; the score and baseline, or None."""
     truth_points = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
     if os.path.exists(truth_points):
-        predicted = data.read_coordinates(os.path.join(args.out_dir, f"landmarks_{args.split}.csv"))
-        truth = data.read_coordinates(truth_points)
+        predicted = tables.read_coordinates(os.path.join(args.out_dir, f"landmarks_{args.split}.csv"))
+        truth = tables.read_coordinates(truth_points)
         print_landmark_errors(landmark_errors(predicted, truth[truth["study_id"].isin(study_ids)], args.data_dir, args.split,
                                               args.cache_dir))
     solution = truth_for(args.data_dir, args.split, study_ids)
@@ -227,7 +228,7 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     training.save_args(args.out_dir, "infer", args)
     started = time.time()
-    descriptions = data.read_series_descriptions(os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv"))
+    descriptions = tables.read_series_descriptions(os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv"))
     study_ids = [int(s) for s in args.studies.split(",")] if args.studies else sorted(descriptions["study_id"].unique().tolist())
     landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
     paths = args.severity_checkpoints.split(",") if args.severity_checkpoints else [os.path.join(args.out_dir, "severity_best.pt")]

@@ -20,6 +20,7 @@ import torch
 import data
 import inputs
 import losses
+import tables
 import training
 from models import LandmarkNet, axial_slices_for_levels, points_mm, predict_axial, predict_sagittal
 from viz import write_overlay
@@ -182,7 +183,7 @@ def make_loader(tag, items, args, runtime, augment, shuffle):
 
 def split_items(items, args):
     """Train/validation series by study fold (never the same study on both sides)."""
-    folds = data.assign_folds([item.study_id for item in items], args.n_folds, seed=0)
+    folds = tables.assign_folds([item.study_id for item in items], args.n_folds, seed=0)
     if args.all_studies:
         return items, []
     train = [item for item in items if folds[item.study_id] != args.fold]
@@ -363,7 +364,7 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_landmarks", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    items = data.labelled_series(args.data_dir, "train")
+    items = tables.labelled_series(args.data_dir, "train")
     train_items, val_items = split_items(items, args)
     canal_points = true_canal_points(val_items, args.cache_dir) if "axial" in args.series_types else {}
     results = {tag: train_series_type(args, tag, train_items, val_items, canal_points, runtime) for tag in args.series_types}

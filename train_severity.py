@@ -19,6 +19,7 @@ import torch
 import data
 import inputs
 import losses
+import tables
 import training
 from models import SeverityModel, SeverityNet, grade_study, load_landmark_models, predict_landmarks
 from viz import save_confusion_png, save_crops_png
@@ -76,11 +77,11 @@ LabelledStudy = namedtuple("LabelledStudy", "study_id labels series points")
 
 
 def labelled_studies(data_dir):
-    """[LabelledStudy] of train.csv, in its order: labels (25,), every listed series [data.LabelledSeries] and every
-    labelled point {(condition, level): data.LabelPoint}, each naming its own series."""
-    study_ids, labels = data.read_labels(os.path.join(data_dir, "train.csv"))
+    """[LabelledStudy] of train.csv, in its order: labels (25,), every listed series [tables.LabelledSeries] and every
+    labelled point {(condition, level): tables.LabelPoint}, each naming its own series."""
+    study_ids, labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
     series_of_study = {}
-    for item in data.labelled_series(data_dir, "train"):
+    for item in tables.labelled_series(data_dir, "train"):
         series_of_study.setdefault(item.study_id, []).append(item)
     out = []
     for study_id, study_labels in zip(study_ids.tolist(), labels):
@@ -287,7 +288,7 @@ def collapse_message(description, where):
 
 def split_entries(entries, args):
     """Train and validation studies by fold (none for validation with --all-studies or --overfit-batches)."""
-    folds = data.assign_folds([e.study_id for e in entries], args.n_folds, seed=0)
+    folds = tables.assign_folds([e.study_id for e in entries], args.n_folds, seed=0)
     train_entries = [e for e in entries if args.all_studies or folds[e.study_id] != args.fold]
     val_entries = [] if args.all_studies or args.overfit_batches else [e for e in entries if folds[e.study_id] == args.fold]
     if args.dry_run:

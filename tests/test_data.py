@@ -6,6 +6,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 import data
+import tables
 from conftest import write_frame
 
 
@@ -137,7 +138,7 @@ def test_geometry_round_trips_and_known_point():
 
 
 def test_read_labels_on_real_train_csv_keeps_empty_cells(shared_labels):
-    study_ids, labels = data.read_labels(shared_labels / "train.csv")
+    study_ids, labels = tables.read_labels(shared_labels / "train.csv")
     assert labels.shape == (1975, 25) and len(set(study_ids)) == 1975
     assert (labels == data.MISSING).sum() == 572
     spinal = labels[:, :5]
@@ -150,39 +151,39 @@ def test_read_labels_names_file_line_and_bad_string(tmp_path):
     frame.loc[1, "spinal_canal_stenosis_l2_l3"] = "Mild"
     frame.to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(ValueError, match=r"train.csv: line 3, column spinal_canal_stenosis_l2_l3: unknown severity 'Mild'"):
-        data.read_labels(tmp_path / "train.csv")
+        tables.read_labels(tmp_path / "train.csv")
 
 
 def test_read_coordinates_accepts_both_spellings(shared_labels, tmp_path):
-    snake = data.read_coordinates(shared_labels / "train_label_coordinates.fix01b.csv")
+    snake = tables.read_coordinates(shared_labels / "train_label_coordinates.fix01b.csv")
     assert len(snake) == 48809 and set(snake["condition"]) == set(data.CONDITIONS) and set(snake["level"]) == set(data.LEVELS)
     title = snake.head(50).copy()
     title["condition"] = title["condition"].map(dict(zip(data.CONDITIONS, data.CONDITION_NAMES)))
     title["level"] = title["level"].map(dict(zip(data.LEVELS, data.LEVEL_NAMES)))
     title.to_csv(tmp_path / "c.csv", index=False)
-    pd.testing.assert_frame_equal(data.read_coordinates(tmp_path / "c.csv"), snake.head(50))
+    pd.testing.assert_frame_equal(tables.read_coordinates(tmp_path / "c.csv"), snake.head(50))
     title.loc[3, "level"] = "L6/S1"
     title.to_csv(tmp_path / "c.csv", index=False)
     with pytest.raises(ValueError, match=r"c.csv: line 5: unknown level 'L6/S1'"):
-        data.read_coordinates(tmp_path / "c.csv")
+        tables.read_coordinates(tmp_path / "c.csv")
 
 
 def test_series_descriptions_by_study_and_unknown_description(shared_labels, tmp_path):
-    descriptions = data.read_series_descriptions(shared_labels / "train_series_descriptions.csv")
-    by_study = data.series_by_study(descriptions)
+    descriptions = tables.read_series_descriptions(shared_labels / "train_series_descriptions.csv")
+    by_study = tables.series_by_study(descriptions)
     assert len(by_study) == 1975
     counts = [len(types[s]) for types in by_study.values() for s in data.SERIES_TYPES]
     assert 0 in counts and max(counts) >= 2  # some studies lack a type, some have two of one
     descriptions.loc[0, "series_description"] = "Sagittal T3"
     descriptions.to_csv(tmp_path / "s.csv", index=False)
     with pytest.raises(ValueError, match=r"s.csv: line 2: unknown series_description 'Sagittal T3'"):
-        data.read_series_descriptions(tmp_path / "s.csv")
+        tables.read_series_descriptions(tmp_path / "s.csv")
 
 
 def test_folds_are_deterministic_balanced_and_order_free():
     ids = np.arange(1000, 1103)
-    folds = data.assign_folds(ids, n_folds=5, seed=3)
-    assert folds == data.assign_folds(ids[::-1], n_folds=5, seed=3)
+    folds = tables.assign_folds(ids, n_folds=5, seed=3)
+    assert folds == tables.assign_folds(ids[::-1], n_folds=5, seed=3)
     sizes = np.bincount(list(folds.values()))
     assert sizes.max() - sizes.min() <= 1 and len(folds) == len(ids)
-    assert folds != data.assign_folds(ids, n_folds=5, seed=4)
+    assert folds != tables.assign_folds(ids, n_folds=5, seed=4)

@@ -10,7 +10,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["train_landmarks.py", "train_severity.py", "infer.py", "synthetic.py"]
-MODULES = ["data", "cache", "inputs", "models", "losses", "training", "viz", "phantom"]
+MODULES = ["data", "tables", "cache", "inputs", "models", "losses", "training", "viz", "phantom"]
 
 
 def imported_modules(path):

@@ -7,6 +7,7 @@ import torch
 
 import data
 import losses
+import tables
 from reference import column_prior_submission, reference_score
 
 
@@ -42,7 +43,7 @@ def test_hand_computed_single_study():
 
 
 def test_weighted_prior_reproduces_the_published_real_label_score(shared_labels):
-    study_ids, labels = data.read_labels(shared_labels / "train.csv")
+    study_ids, labels = tables.read_labels(shared_labels / "train.csv")
     solution = pd.read_csv(shared_labels / "train.csv", dtype=str, keep_default_na=False)
     ours = losses.probabilities_to_submission(study_ids, np.broadcast_to(losses.weighted_prior(labels), (len(study_ids), 25, 3)))
     assert losses.competition_score(solution, ours) == pytest.approx(0.78971, abs=5e-6)

@@ -9,6 +9,7 @@ import pytest
 import data
 import infer
 import synthetic
+import tables
 import train_landmarks
 import train_severity
 
@@ -60,7 +61,7 @@ def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submis
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         study_ids = _assert_complete(_infer(tiny, trained), tiny)
-    landmarks = data.read_coordinates(trained / "landmarks_test.csv")
+    landmarks = tables.read_coordinates(trained / "landmarks_test.csv")
     sagittal = landmarks[~landmarks["condition"].str.contains("subarticular")]
     assert len(sagittal) == 15 * len(study_ids)  # one epoch of training: the axial levels may miss their series
     messages = " ".join(str(w.message) for w in caught)
@@ -234,7 +235,7 @@ def test_a_level_outside_every_axial_series_falls_back_to_the_prior_with_a_warni
     split = quirks[quirks["quirk"] == "split_axial_levels"].iloc[0]  # its upper levels are on split.series_id alone
     listed = pd.read_csv(tmp_path / "test_series_descriptions.csv")
     listed[listed["series_id"] != split["series_id"]].to_csv(tmp_path / "test_series_descriptions.csv", index=False)
-    truth = data.read_coordinates(tmp_path / "solution_coordinates.csv")
+    truth = tables.read_coordinates(tmp_path / "solution_coordinates.csv")
     upper = sorted(set(truth.loc[truth["series_id"] == split["series_id"], "level"]))
     canal = truth[truth["condition"] == "spinal_canal_stenosis"]
 

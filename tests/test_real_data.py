@@ -83,7 +83,7 @@ def test_each_level_comes_from_the_axial_series_that_covers_it_and_an_uncovered_
              3: data.StudySeries("Axial T2", 3, lower)}
     level_z = np.array([40.0, 20.0, 0.0, -20.0, -40.0])  # L1/L2 .. L5/S1; the upper series covers 16..48 mm, the lower -28..-4
     canal = np.stack([np.zeros(5), np.full(5, 49.5), 60.0 - level_z], axis=1)  # (slice, col, row) of x = y = 0 at each level
-    monkeypatch.setattr(models, "predict_sagittal", lambda model, series, size, device: (canal, np.ones(5)))
+    monkeypatch.setattr(models, "predict_sagittal", lambda model, series, size, device, where=None: (canal, np.ones(5)))
     monkeypatch.setattr(models, "predict_axial", lambda model, series, d, size, device: (np.array([[60.0, 50], [40, 50]]), np.ones(2)))
     landmark_models = {"sag_t2": (object(), dict(image_size=32)), "axial": (object(), dict(image_size=32))}
     found, notes = models.predict_landmarks(landmark_models, study, torch.device("cpu"))

@@ -13,9 +13,10 @@ import inputs
 import losses
 import models
 import synthetic
+import tables
 import train_landmarks
-import training
 import train_severity
+import training
 from conftest import write_frame
 
 
@@ -70,9 +71,9 @@ def test_label_outside_its_frame_is_masked_with_a_warning(tmp_path):
     folder.mkdir()
     write_frame(folder / "1.dcm", np.ones((20, 30)), (0, 0, 0))
     series = data.load_series(str(folder))
-    points = {("spinal_canal_stenosis", "l1_l2"): data.LabelPoint(1, 1, 12.0, 5.0),
-              ("spinal_canal_stenosis", "l2_l3"): data.LabelPoint(1, 1, 31.0, 5.0),
-              ("spinal_canal_stenosis", "l3_l4"): data.LabelPoint(1, 7, 1.0, 1.0)}
+    points = {("spinal_canal_stenosis", "l1_l2"): tables.LabelPoint(1, 1, 12.0, 5.0),
+              ("spinal_canal_stenosis", "l2_l3"): tables.LabelPoint(1, 1, 31.0, 5.0),
+              ("spinal_canal_stenosis", "l3_l4"): tables.LabelPoint(1, 7, 1.0, 1.0)}
     with pytest.warns(UserWarning) as caught:
         targets = train_landmarks.point_targets(series, points, data.POINTS_OF_SERIES["Sagittal T2/STIR"], str(folder))
     messages = " ".join(str(w.message) for w in caught)

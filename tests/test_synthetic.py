@@ -4,6 +4,7 @@ import pytest
 
 import data
 import synthetic
+import tables
 from reference import check_layout
 
 
@@ -48,7 +49,7 @@ def test_quirky_instance_numbers_load_in_spatial_order(quirky):
 
 
 def test_labels_sit_inside_their_frame_on_the_labelled_slice(quirky):
-    coordinates = data.read_coordinates(quirky / "train_label_coordinates.csv")
+    coordinates = tables.read_coordinates(quirky / "train_label_coordinates.csv")
     descriptions = pd.read_csv(quirky / "train_series_descriptions.csv")
     for series_id, rows in list(coordinates.groupby("series_id"))[:12]:
         study_id = int(descriptions.loc[descriptions["series_id"] == series_id, "study_id"].iloc[0])
