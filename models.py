@@ -332,12 +332,14 @@ SeverityModel = namedtuple("SeverityModel", "net settings temperatures")
 
 
 def load_severity_models(paths, device):
-    """[SeverityModel] of severity checkpoints, and the training prior (25, 3) of the first one."""
+    """[SeverityModel] of severity checkpoints (an ensemble checkpoint gives one per member), and the training prior
+    (25, 3) of the first one."""
     found, prior = [], None
     for path in paths:
         checkpoint = torch.load(path, map_location=device, weights_only=False)
-        model = SeverityNet(checkpoint["settings"]["n_slices"]).to(device)
-        model.load_state_dict(checkpoint["model"])
-        found.append(SeverityModel(model.eval(), checkpoint["settings"], checkpoint.get("temperatures", [1.0] * len(data.GROUPS))))
+        for state in checkpoint.get("members", [checkpoint.get("model")]):
+            model = SeverityNet(checkpoint["settings"]["n_slices"]).to(device)
+            model.load_state_dict(state)
+            found.append(SeverityModel(model.eval(), checkpoint["settings"], checkpoint.get("temperatures", [1.0] * len(data.GROUPS))))
         prior = np.asarray(checkpoint["prior"]) if prior is None else prior
     return found, prior

@@ -21,7 +21,7 @@ import inputs
 import losses
 import tables
 import training
-from models import SeverityModel, SeverityNet, grade_study, load_landmark_models, predict_landmarks
+from models import SeverityModel, SeverityNet, grade_study, load_landmark_models, load_severity_models, predict_landmarks
 from viz import save_confusion_png, save_crops_png
 
 def parse_args(argv=None):
@@ -41,6 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--jitter-mm", type=float, default=7.0, help="max crop-centre jitter in training, mm per axis")
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     parser.add_argument("--rotate-degrees", type=float, default=0.0, help="max in-plane turn of each training crop, degrees")
+    parser.add_argument("--members", type=int, default=1, help="train this many networks, each leaving out one fold of the "
+                        "training studies; inference averages them, and per-group temperatures are fitted on their "
+                        "out-of-fold predictions (1: one network on all training studies, no calibration)")
     parser.add_argument("--severe-repeat", type=int, default=1, help="studies with a Severe label appear this many times "
                         "per epoch (1: once, as the others)")
     # model
@@ -154,24 +157,26 @@ def describe_series_spread(entries):
 
 
 @torch.no_grad()
-def predict_entries(severity_model, prior, entries, cache_dir, device, landmark_models=None):
-    """(N, 25, 3) probabilities: on true landmarks, or on stage-1 predictions when landmark_models is given."""
-    model = severity_model.net
-    model.eval()
+def predict_entries(severity_models, prior, entries, cache_dir, device, landmark_models=None):
+    """(N, 25, 3) mean probabilities of [SeverityModel]: on true landmarks, or on stage-1 predictions when
+    landmark_models is given; the prior where a row has no landmark."""
+    for member in severity_models:
+        member.net.eval()
     out = np.broadcast_to(prior, (len(entries),) + prior.shape).copy()
     for i, entry in enumerate(entries):
         study, landmarks = load_labelled_study(entry, cache_dir)
-        if landmark_models is not None:
+        if landmark_models:
             landmarks, _ = predict_landmarks(landmark_models, study, device)
-        graded, available = grade_study([severity_model], study, landmarks, device)
+        graded, available = grade_study(severity_models, study, landmarks, device)
         out[i, available] = graded[available]
-    model.train()
+    for member in severity_models:
+        member.net.train()
     return out
 
 
-def evaluate(severity_model, prior, entries, args, device, landmark_models=None):
+def evaluate(severity_models, prior, entries, args, device, landmark_models=None):
     """({score, val_loss_spinal, val_loss_foraminal, val_loss_subarticular, val_loss_any_severe_spinal}, probabilities)."""
-    probabilities = predict_entries(severity_model, prior, entries, args.cache_dir, device, landmark_models)
+    probabilities = predict_entries(severity_models, prior, entries, args.cache_dir, device, landmark_models)
     study_ids = [e.study_id for e in entries]
     solution = losses.labels_to_solution(study_ids, np.stack([e.labels for e in entries]))
     terms = losses.condition_group_losses(solution, losses.probabilities_to_submission(study_ids, losses.finalise(probabilities)))
@@ -213,17 +218,15 @@ def honest_landmark_models(args, device):
     return landmark_models
 
 
-def final_validation(model, settings, prior, entries, landmark_models, args, device):
-    """Validation of the best checkpoint on true and on predicted landmarks (the honest number), with confusion PNGs."""
-    best = torch.load(os.path.join(args.out_dir, "severity_best.pt"), map_location=device, weights_only=False)
-    model.load_state_dict(best["model"])
-    temperatures = best["temperatures"]
-    true_metrics, _ = evaluate(SeverityModel(model, settings, temperatures), prior, entries, args, device)
+def final_validation(prior, entries, landmark_models, args, device):
+    """Validation of RUN/severity_best.pt on true and on predicted landmarks (the honest number), with confusion PNGs."""
+    severity_models, _ = load_severity_models([os.path.join(args.out_dir, "severity_best.pt")], device)
+    true_metrics, _ = evaluate(severity_models, prior, entries, args, device)
     print(f"validation score on true landmarks {true_metrics['score']:.4f}")
     if not landmark_models:
         print(f"NO HONEST VALIDATION: no landmark checkpoints in {args.landmark_dir or args.out_dir}")
         return dict(true_landmarks=true_metrics)
-    honest, probabilities = evaluate(SeverityModel(model, settings, temperatures), prior, entries, args, device, landmark_models)
+    honest, probabilities = evaluate(severity_models, prior, entries, args, device, landmark_models)
     collapsed = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in entries]), probabilities.argmax(-1)))
     if collapsed:
         warnings.warn(collapse_message(collapsed, "validation studies (predicted landmarks, best checkpoint)"))
@@ -296,6 +299,96 @@ def split_entries(entries, args):
     return train_entries, val_entries
 
 
+def member_splits(entries, members):
+    """[(studies a member trains on, studies it leaves out)]: one member on everything, or one per fold of members."""
+    if members == 1:
+        return [(entries, [])]
+    folds = tables.assign_folds([e.study_id for e in entries], members, seed=1)  # seed 1: not the validation folds
+    return [([e for e in entries if folds[e.study_id] != k], [e for e in entries if folds[e.study_id] == k]) for k in range(members)]
+
+
+def member_loader(entries, settings, args, runtime):
+    """(loader, steps per epoch) over a member's studies; those with a Severe label come --severe-repeat times."""
+    severe = [e for e in entries if (e.labels == data.SEVERITIES.index("Severe")).any()]
+    dataset = StudyCrops(entries + severe * (args.severe_repeat - 1), settings, args, augment=not args.overfit_batches)
+    loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args, runtime)
+    return loader, min(len(loader), args.overfit_batches or len(loader))
+
+
+def end_epoch(member, epoch, step, stats, val_entries, prior, best, log, args, device):
+    """Validate, check for collapse, log one row and save last (and best) checkpoints; returns (row, best score)."""
+    graded_by = [SeverityModel(member.net, member.settings, [1.0] * len(data.GROUPS))]
+    metrics, probabilities = evaluate(graded_by, prior, val_entries, args, device) if val_entries else ({}, None)
+    if probabilities is not None:  # collapse is judged on validation when there is one, else on the training batches
+        stats["collapsed"] = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in val_entries]), probabilities.argmax(-1)))
+    if stats["collapsed"]:
+        print("  " + collapse_message(stats["collapsed"], f"{'validation' if val_entries else 'training'} studies"))
+    row = dict(epoch=epoch, step=step, lr=stats.pop("lr"), train_loss=stats.pop("train_loss"), **metrics, **stats)
+    log.write(row)
+    training.print_row(row)
+    score = metrics.get("score", row["train_loss"])
+    checkpoint = dict(model=member.net.state_dict(), optimizer=member.optimizer.state_dict(), args=vars(args),
+                      settings=member.settings, temperatures=[1.0] * len(data.GROUPS), prior=prior.tolist(), epoch=epoch,
+                      step=step, best=min(best, score))
+    training.save_checkpoint(os.path.join(args.out_dir, f"{member.name}_last.pt"), checkpoint)
+    if score <= best:
+        training.save_checkpoint(os.path.join(args.out_dir, f"{member.name}_best.pt"), checkpoint)
+    return row, min(best, score)
+
+
+# one network being trained: what end_epoch needs of it
+Member = namedtuple("Member", "name net optimizer settings")
+
+
+def train_member(name, entries, val_entries, settings, prior, args, runtime):
+    """The training loop of one severity network on entries, logging RUN/<name>.csv and saving RUN/<name>_{last,best}.pt.
+    Returns the network with its best epoch's weights (lowest validation score, else training loss)."""
+    loader, steps_per_epoch = member_loader(entries, settings, args, runtime)
+    total_steps = args.epochs * steps_per_epoch
+    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(runtime.device)
+    train_model = training.wrap_for_training(model, runtime)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    member = Member(name, model, optimizer, settings)
+    ctx, scaler = training.autocast_context(runtime.device, args.amp)
+    last_path = os.path.join(args.out_dir, f"{name}_last.pt")
+    start_epoch, step, best = training.resume(last_path, model, optimizer, runtime.device, name) if args.resume else (0, 0, float("inf"))
+    log = training.CsvLog(os.path.join(args.out_dir, f"{name}.csv"), keep_epochs_below=start_epoch if args.resume else None) if runtime.rank == 0 else None
+    if runtime.rank == 0:
+        print(f"{name}: {len(entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
+    row = {}
+    for epoch in range(start_epoch, args.epochs):
+        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
+            break
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args, runtime)
+        if runtime.rank == 0:
+            print()
+            row, best = end_epoch(member, epoch, step, stats, val_entries, prior, best, log, args, runtime.device)
+    if row.get("collapsed"):
+        warnings.warn(collapse_message(row["collapsed"], f"{'validation' if val_entries else 'training'} studies at the last epoch"))
+    best_path = os.path.join(args.out_dir, f"{name}_best.pt")
+    if runtime.rank == 0 and os.path.exists(best_path):
+        model.load_state_dict(torch.load(best_path, map_location=runtime.device, weights_only=False)["model"])
+    return model
+
+
+def calibrate(nets, splits, settings, prior, args, device):
+    """Per-group temperatures fitted on the members' out-of-fold predictions (each member grading the studies it left
+    out, on predicted landmarks when landmark checkpoints are at hand, else on the labelled points); 1.0 for one member."""
+    if len(nets) == 1:
+        return [1.0] * len(data.GROUPS)
+    landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
+    unit = [1.0] * len(data.GROUPS)
+    held_out = [predict_entries([SeverityModel(net, settings, unit)], prior, left_out, args.cache_dir, device, landmark_models)
+                for net, (_, left_out) in zip(nets, splits)]
+    labels = np.concatenate([np.stack([e.labels for e in left_out]) for _, left_out in splits])
+    temperatures = losses.fit_temperatures(np.log(np.clip(np.concatenate(held_out), 1e-12, 1.0)), labels)
+    print(f"temperatures fitted on {len(labels)} out-of-fold studies ({'predicted' if landmark_models else 'labelled'} "
+          f"landmarks): " + ", ".join(f"{g} {t:.2f}" for g, t in zip(data.GROUPS, temperatures)))
+    return temperatures
+
+
 def main(argv=None):
     args = parse_args(argv)
     runtime = training.setup_distributed(args.device)
@@ -311,58 +404,22 @@ def main(argv=None):
     prior = losses.weighted_prior(np.stack([e.labels for e in train_entries]), smoothing=1.0)  # (25, 3) fallback rows
     landmark_models = honest_landmark_models(args, runtime.device) if val_entries and main_process else {}
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))  # inference rebuilds crops from these
-    temperatures = [1.0] * len(data.GROUPS)
-
-    severe = [e for e in train_entries if (e.labels == data.SEVERITIES.index("Severe")).any()]
-    dataset = StudyCrops(train_entries + severe * (args.severe_repeat - 1), settings, args, augment=not args.overfit_batches)
-    loader = training.distributed_loader(dataset, args.batch_size, not args.overfit_batches, collate_studies, args, runtime)
-    steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
-    total_steps = args.epochs * steps_per_epoch
-    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(runtime.device)
-    train_model = training.wrap_for_training(model, runtime)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    ctx, scaler = training.autocast_context(runtime.device, args.amp)
-    last_path, best_path = (os.path.join(args.out_dir, f"severity_{k}.pt") for k in ("last", "best"))
-    start_epoch, step, best = training.resume(last_path, model, optimizer, runtime.device, "severity") if args.resume else (0, 0, float("inf"))
-    log = training.CsvLog(os.path.join(args.out_dir, "severity.csv"), keep_epochs_below=start_epoch if args.resume else None) if main_process else None
     if main_process:
-        print(f"severity: {len(train_entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
         describe_series_spread(train_entries)
-        crops, groups, labels = collate_studies([dataset[i] for i in range(min(4, len(dataset)))])[:3]
+        crops, groups, labels = collate_studies([StudyCrops(train_entries, settings, args, True)[i] for i in range(min(4, len(train_entries)))])[:3]
         save_crops_png(os.path.join(args.out_dir, "crops_train.png"), crops, groups, labels)  # look before you train
-    row = {}
-    for epoch in range(start_epoch, args.epochs):
-        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
-            break
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args,
-                                  runtime)
-        train_loss = stats["train_loss"]
-        if not main_process:
-            continue
-        print()
-        metrics, probabilities = evaluate(SeverityModel(model, settings, temperatures), prior, val_entries, args, runtime.device) if val_entries else ({}, None)
-        if probabilities is not None:  # collapse is judged on validation when there is one, else on the training batches
-            stats["collapsed"] = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in val_entries]), probabilities.argmax(-1)))
-        if stats["collapsed"]:
-            print("  " + collapse_message(stats["collapsed"], f"{'validation' if val_entries else 'training'} studies"))
-        row = dict(epoch=epoch, step=step, lr=stats.pop("lr"), train_loss=stats.pop("train_loss"), **metrics, **stats)
-        log.write(row)
-        training.print_row(row)
-        score = metrics.get("score", train_loss)
-        checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), args=vars(args), settings=settings,
-                          temperatures=temperatures, prior=prior.tolist(), epoch=epoch, step=step, best=min(best, score))
-        training.save_checkpoint(last_path, checkpoint)
-        if score <= best:
-            best = score
-            training.save_checkpoint(best_path, checkpoint)
+
+    splits = member_splits(train_entries, args.members)
+    names = ["severity"] if args.members == 1 else [f"severity_member{k}" for k in range(args.members)]
+    nets = [train_member(name, fit, val_entries, settings, prior, args, runtime) for name, (fit, _) in zip(names, splits)]
     training.end_distributed(runtime)
-    if main_process and row.get("collapsed"):
-        warnings.warn(collapse_message(row["collapsed"], f"{'validation' if val_entries else 'training'} studies at the last epoch"))
-    if main_process and val_entries:
-        return final_validation(model, settings, prior, val_entries, landmark_models, args, runtime.device)
-    return row
+    if not main_process:
+        return {}
+    if args.members > 1:  # one checkpoint holds the ensemble and its calibration
+        temperatures = calibrate(nets, splits, settings, prior, args, runtime.device)
+        training.save_checkpoint(os.path.join(args.out_dir, "severity_best.pt"), dict(
+            members=[net.state_dict() for net in nets], settings=settings, temperatures=temperatures, prior=prior.tolist(), args=vars(args)))
+    return final_validation(prior, val_entries, landmark_models, args, runtime.device) if val_entries else {}
 
 
 if __name__ == "__main__":
