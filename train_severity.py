@@ -40,7 +40,7 @@ def parse_args(argv=None):
                         help=f"crop side in mm per condition group ({', '.join(data.GROUPS)})")
     parser.add_argument("--jitter-mm", type=float, default=7.0, help="max crop-centre jitter in training, mm per axis")
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
-    parser.add_argument("--rotate-degrees", type=float, default=0.0, help="max in-plane turn of each training crop, degrees")
+    parser.add_argument("--rotate-degrees", type=float, default=15.0, help="max in-plane turn of each training crop, degrees")
     parser.add_argument("--members", type=int, default=1, help="train this many networks, each leaving out one fold of the "
                         "training studies; inference averages them, and per-group temperatures are fitted on their "
                         "out-of-fold predictions (1: one network on all training studies, no calibration)")
@@ -49,12 +49,12 @@ def parse_args(argv=None):
     # model
     parser.add_argument("--pretrained", default="", help="optional torchvision ResNet-18 state dict file")
     # optimization
-    parser.add_argument("--epochs", type=int, default=8, help="epochs")
+    parser.add_argument("--epochs", type=int, default=24, help="epochs")
     parser.add_argument("--batch-size", type=int, default=4, help="studies per step (25 crops each)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--warmup-steps", type=int, default=20, help="linear warmup steps, then cosine to 0")
-    parser.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing (calibration)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (calibration)")
     parser.add_argument("--any-severe-weight", type=float, default=0.0, help="weight of the any_severe_spinal loss term")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     # system
@@ -219,7 +219,8 @@ def honest_landmark_models(args, device):
 
 
 def final_validation(prior, entries, landmark_models, args, device):
-    """Validation of RUN/severity_best.pt on true and on predicted landmarks (the honest number), with confusion PNGs."""
+    """Validation of RUN/severity_best.pt on true and on predicted landmarks (the honest number), with confusion PNGs
+    and the predicted-landmark grades in RUN/validation_fold<k>.csv."""
     severity_models, _ = load_severity_models([os.path.join(args.out_dir, "severity_best.pt")], device)
     true_metrics, _ = evaluate(severity_models, prior, entries, args, device)
     print(f"validation score on true landmarks {true_metrics['score']:.4f}")
@@ -230,6 +231,9 @@ def final_validation(prior, entries, landmark_models, args, device):
     collapsed = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in entries]), probabilities.argmax(-1)))
     if collapsed:
         warnings.warn(collapse_message(collapsed, "validation studies (predicted landmarks, best checkpoint)"))
+    study_ids = [e.study_id for e in entries]  # in submission format, so the folds of a k-fold run can be pooled and scored
+    losses.probabilities_to_submission(study_ids, losses.finalise(probabilities)).to_csv(
+        os.path.join(args.out_dir, f"validation_fold{args.fold}.csv"), index=False)
     matrices = confusion_matrices(entries, probabilities)
     save_confusion_png(os.path.join(args.out_dir, "confusion_predicted_landmarks.png"), matrices)
     for name, matrix in matrices.items():

@@ -58,6 +58,8 @@ def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submis
     log = pd.read_csv(trained / "severity.csv")
     assert len(log) == 1 and (trained / "severity_last.pt").exists() and np.isfinite(log["score"]).all()
     assert (trained / "confusion_predicted_landmarks.png").exists()  # the honest validation ran end to end
+    pooled = pd.read_csv(trained / "validation_fold0.csv")  # its grades, ready to pool with other folds
+    assert len(pooled) % 25 == 0 and len(pooled) > 0 and np.allclose(pooled[data.SUBMISSION_COLUMNS].sum(axis=1), 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         study_ids = _assert_complete(_infer(tiny, trained), tiny)
