@@ -75,3 +75,16 @@ def test_no_function_but_main_is_longer_than_about_fifty_lines():
             if isinstance(node, ast.FunctionDef) and node.name != "main" and node.end_lineno - node.lineno + 1 > 55:
                 long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_readme_inference_recipe_copies_exactly_what_infer_py_imports():
+    local = {p.stem for p in ROOT.glob("*.py")}
+    needed, todo = set(), ["infer"]
+    while todo:  # the project files infer.py reaches through imports, transitively
+        name = todo.pop()
+        if name not in needed:
+            needed.add(name)
+            todo += sorted(imported_modules(ROOT / f"{name}.py") & local)
+    copy_line = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("cp ") and "code/" in line)
+    copied = {word[:-3] for word in copy_line.split()[1:] if word.endswith(".py")}
+    assert copied == needed, f"README inference recipe: missing {needed - copied}, not needed {copied - needed}"
