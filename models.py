@@ -329,6 +329,7 @@ def load_landmark_models(folder, device):
 
 # a trained severity network with the crop settings it reads and its per-group temperature (calibration)
 SeverityModel = namedtuple("SeverityModel", "net settings temperatures")
+UNIT_TEMPERATURES = [1.0] * len(data.GROUPS)  # logits graded as they are: no calibration
 
 
 def load_severity_models(paths, device):
@@ -340,6 +341,6 @@ def load_severity_models(paths, device):
         for state in checkpoint.get("members", [checkpoint.get("model")]):
             model = SeverityNet(checkpoint["settings"]["n_slices"]).to(device)
             model.load_state_dict(state)
-            found.append(SeverityModel(model.eval(), checkpoint["settings"], checkpoint.get("temperatures", [1.0] * len(data.GROUPS))))
+            found.append(SeverityModel(model.eval(), checkpoint["settings"], checkpoint.get("temperatures", UNIT_TEMPERATURES)))
         prior = np.asarray(checkpoint["prior"]) if prior is None else prior
     return found, prior

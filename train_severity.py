@@ -21,7 +21,7 @@ import inputs
 import losses
 import tables
 import training
-from models import SeverityModel, SeverityNet, grade_study, load_landmark_models, load_severity_models, predict_landmarks
+from models import UNIT_TEMPERATURES, SeverityModel, SeverityNet, grade_study, load_landmark_models, load_severity_models, predict_landmarks
 from viz import save_confusion_png, save_crops_png
 
 def parse_args(argv=None):
@@ -322,20 +322,23 @@ def member_loader(entries, settings, args, runtime):
 
 
 def batchnorm_batches(entries, settings, cache_dir, device):
-    """(crops, groups) of each study's labelled points, unaugmented: what recompute_batchnorm averages over."""
+    """[(crops, groups)] of each study's labelled points, unaugmented: what recompute_batchnorm averages over. Built
+    once per network; they do not change between epochs."""
+    batches = []
     for entry in entries:
         study, landmarks = load_labelled_study(entry, cache_dir)
         crops, groups, available = inputs.study_crops(study, landmarks, settings)
         if available.any():
-            yield crops[available].to(device), groups[available].to(device)
+            batches.append((crops[available].to(device), groups[available].to(device)))
+    return batches
 
 
-def end_epoch(member, epoch, step, stats, entries, val_entries, prior, best, log, args, device):
-    """Recompute BatchNorm statistics, validate, check for collapse, log one row and save last (and best)
-    checkpoints; returns (row, best score)."""
-    if args.bn_studies:
-        training.recompute_batchnorm(member.net, batchnorm_batches(entries[:args.bn_studies], member.settings, args.cache_dir, device))
-    graded_by = [SeverityModel(member.net, member.settings, [1.0] * len(data.GROUPS))]
+def end_epoch(member, epoch, step, stats, norm_batches, val_entries, prior, best, log, args, device):
+    """Recompute BatchNorm statistics over norm_batches, validate, check for collapse, log one row and save last (and
+    best) checkpoints; returns (row, best score)."""
+    if norm_batches:
+        training.recompute_batchnorm(member.net, norm_batches)
+    graded_by = [SeverityModel(member.net, member.settings, UNIT_TEMPERATURES)]
     metrics, probabilities = evaluate(graded_by, prior, val_entries, args, device) if val_entries else ({}, None)
     if probabilities is not None:  # collapse is judged on validation when there is one, else on the training batches
         stats["collapsed"] = describe_collapse(losses.collapsed_groups(np.stack([e.labels for e in val_entries]), probabilities.argmax(-1)))
@@ -346,7 +349,7 @@ def end_epoch(member, epoch, step, stats, entries, val_entries, prior, best, log
     training.print_row(row)
     score = metrics.get("score", row["train_loss"])
     checkpoint = dict(model=member.net.state_dict(), optimizer=member.optimizer.state_dict(), args=vars(args),
-                      settings=member.settings, temperatures=[1.0] * len(data.GROUPS), prior=prior.tolist(), epoch=epoch,
+                      settings=member.settings, temperatures=UNIT_TEMPERATURES, prior=prior.tolist(), epoch=epoch,
                       step=step, best=min(best, score))
     training.save_checkpoint(os.path.join(args.out_dir, f"{member.name}_last.pt"), checkpoint)
     if score <= best:
@@ -373,6 +376,7 @@ def train_member(name, entries, val_entries, settings, prior, args, runtime):
     log = training.CsvLog(os.path.join(args.out_dir, f"{name}.csv"), keep_epochs_below=start_epoch if args.resume else None) if runtime.rank == 0 else None
     if runtime.rank == 0:
         print(f"{name}: {len(entries)} train / {len(val_entries)} val studies, {steps_per_epoch} steps/epoch")
+    norm_batches = batchnorm_batches(entries[:args.bn_studies], settings, args.cache_dir, runtime.device) if runtime.rank == 0 else []
     row = {}
     for epoch in range(start_epoch, args.epochs):
         if args.stop_after_epochs and epoch >= args.stop_after_epochs:
@@ -382,7 +386,7 @@ def train_member(name, entries, val_entries, settings, prior, args, runtime):
         step, stats = train_epoch(train_model, loader, optimizer, scaler, ctx, epoch, step, total_steps, steps_per_epoch, args, runtime)
         if runtime.rank == 0:
             print()
-            row, best = end_epoch(member, epoch, step, stats, entries, val_entries, prior, best, log, args, runtime.device)
+            row, best = end_epoch(member, epoch, step, stats, norm_batches, val_entries, prior, best, log, args, runtime.device)
     if row.get("collapsed"):
         warnings.warn(collapse_message(row["collapsed"], f"{'validation' if val_entries else 'training'} studies at the last epoch"))
     best_path = os.path.join(args.out_dir, f"{name}_best.pt")
@@ -393,12 +397,9 @@ def train_member(name, entries, val_entries, settings, prior, args, runtime):
 
 def calibrate(nets, splits, settings, prior, args, device):
     """Per-group temperatures fitted on the members' out-of-fold predictions (each member grading the studies it left
-    out, on predicted landmarks when landmark checkpoints are at hand, else on the labelled points); 1.0 for one member."""
-    if len(nets) == 1:
-        return [1.0] * len(data.GROUPS)
+    out, on predicted landmarks when landmark checkpoints are at hand, else on the labelled points)."""
     landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
-    unit = [1.0] * len(data.GROUPS)
-    held_out = [predict_entries([SeverityModel(net, settings, unit)], prior, left_out, args.cache_dir, device, landmark_models)
+    held_out = [predict_entries([SeverityModel(net, settings, UNIT_TEMPERATURES)], prior, left_out, args.cache_dir, device, landmark_models)
                 for net, (_, left_out) in zip(nets, splits)]
     labels = np.concatenate([np.stack([e.labels for e in left_out]) for _, left_out in splits])
     temperatures = losses.fit_temperatures(np.log(np.clip(np.concatenate(held_out), 1e-12, 1.0)), labels)
