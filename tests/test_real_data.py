@@ -6,6 +6,8 @@ import os
 import warnings
 
 import numpy as np
+import pandas as pd
+import pydicom
 import pytest
 import torch
 
@@ -20,9 +22,11 @@ from conftest import write_frame
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """Four small training studies whose axial labels are all spread over two series (levels or sides apart)."""
+    """Four small training studies whose axial labels are all spread over two series: with this seed two have their
+    levels apart and two their sides (checked below)."""
     out = tmp_path_factory.mktemp("split")
-    synthetic.make_dataset(str(out), 4, 0, seed=6, size=48, workers=1, split_axial=1.0)
+    synthetic.make_dataset(str(out), 4, 0, seed=3, size=48, workers=1, split_axial=1.0)
+    assert sorted(pd.read_csv(out / "quirks.csv")["quirk"]) == ["split_axial_levels"] * 2 + ["split_axial_sides"] * 2
     return out
 
 
@@ -56,6 +60,23 @@ def test_every_label_is_cropped_from_its_own_series(split):
     args = train_severity.parse_args(["--data-dir", str(split), "--out-dir", "x", "--cache-dir", str(split / "cache")])
     dataset = train_severity.StudyCrops(entries, settings, args, augment=True)
     assert all(dataset[i][4] == 0 for i in range(len(entries)))  # jitter never moves a crop off its series
+
+
+def test_same_seed_with_and_without_split_writes_the_same_patients(split, tmp_path):
+    """Split-vs-single comparisons are paired: --split-axial 0 with the same seed writes the same patients, grades and
+    sagittal series, and a sides-split study keeps its left labels on the same axial series as its single version."""
+    synthetic.make_dataset(str(tmp_path), 4, 0, seed=3, size=48, workers=1, split_axial=0.0)
+    assert (tmp_path / "train.csv").read_text() == (split / "train.csv").read_text()
+    single = pd.read_csv(tmp_path / "train_label_coordinates.csv")
+    spread = pd.read_csv(split / "train_label_coordinates.csv")
+    sagittal = ~single["condition"].str.contains("Subarticular")
+    pd.testing.assert_frame_equal(single[sagittal].reset_index(drop=True), spread[sagittal].reset_index(drop=True))
+    sides = pd.read_csv(split / "quirks.csv").query("quirk == 'split_axial_sides'")["study_id"]
+    left = single["study_id"].isin(sides) & single["condition"].str.startswith("Left Subarticular")
+    pd.testing.assert_frame_equal(single[left].reset_index(drop=True), spread[left].reset_index(drop=True))
+    series = single.loc[sagittal].iloc[0]
+    folder = f"train_images/{series.study_id}/{series.series_id}/{series.instance_number}.dcm"
+    assert np.array_equal(pydicom.dcmread(tmp_path / folder).pixel_array, pydicom.dcmread(split / folder).pixel_array)
 
 
 def _axial_series(z_positions, size=100):
