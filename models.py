@@ -153,8 +153,75 @@ def predict_sagittal(model, series, image_size, device, where=None):
         allowed = torch.as_tensor(where(tuple(logits.shape[-2:])), device=logits.device)
         allowed |= ~allowed.flatten(1).any(1)[:, None, None, None]
         logits = logits.masked_fill(~allowed[None], -1e4)
-    points, confidence = decode_heatmaps(logits, torch.ones(1, x.shape[1], dtype=torch.bool))
-    return heat_to_volume(points[0].numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence[0].numpy()
+    points, confidence = separate_levels(logits[0], cell_positions_mm(series, tuple(logits.shape[-2:])))
+    return heat_to_volume(points.numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence.numpy()
+
+
+LEVEL_GAP_MM = 15.0  # neighbouring discs lie 25-40 mm apart: two levels decoded closer than this sit on one disc
+
+
+def cell_positions_mm(series, heat_hw):
+    """(D, h, w, 3) patient mm of the centre of every heatmap cell of a series."""
+    centres = data.to_original(np.stack(np.meshgrid(np.arange(heat_hw[1]), np.arange(heat_hw[0])), -1),
+                               series.volume.shape[1:], heat_hw)  # (h, w, 2) [col, row] in volume pixels
+    return data.pixel_to_patient(series.positions[:, None, None], series.orientations[:, None, None],
+                                 series.pixel_spacing[:, None, None], centres[..., 0], centres[..., 1])
+
+
+# one place a level may take: heatmap [slice, col, row], decode confidence, patient mm, log probability near it
+Candidate = namedtuple("Candidate", "point confidence mm log_p")
+
+
+def cell_mm(cells_mm, point):
+    """Patient mm (3,) of the heatmap cell holding a decoded [slice, col, row]."""
+    return cells_mm[int(point[0]), int(round(float(point[2]))), int(round(float(point[1])))]
+
+
+def level_candidates(logits, cells_mm, n_candidates=4):
+    """Up to n_candidates Candidates for one point from its (D, h, w) logits: the free decode first, each next one
+    decoded outside LEVEL_GAP_MM of those before; log_p sums the probability within LEVEL_GAP_MM / 2."""
+    everything, found = torch.ones(1, logits.shape[0], dtype=torch.bool), []
+    prob = logits.float().flatten().softmax(0).view_as(logits).cpu().numpy()
+    allowed = (logits > -1e3).cpu().numpy()  # the cells `where` left it
+    while allowed.any() and len(found) < n_candidates:
+        masked = logits.masked_fill(~torch.as_tensor(allowed, device=logits.device), -1e4)
+        point, confidence = (a[0, 0] for a in decode_heatmaps(masked[None, None], everything))
+        distance = np.linalg.norm(cells_mm - cell_mm(cells_mm, point), axis=-1)
+        log_p = float(np.log(prob[distance <= LEVEL_GAP_MM / 2].sum() + 1e-12))
+        found.append(Candidate(point, confidence, cell_mm(cells_mm, point), log_p))
+        allowed &= distance >= LEVEL_GAP_MM
+    return found
+
+
+def separate_levels(logits, cells_mm):
+    """(K, D, h, w) logits of a sagittal series, K = conditions x 5 levels -> (K, 3) [slice, col, row] heatmap
+    pixels and (K,) confidence, with no two levels of a condition on one disc.
+
+    Each point is decoded on its own (decode_heatmaps), and discs look alike, so a level can take its neighbour's
+    disc (L4/L5 decoded on L5/S1). Where a condition's levels come out closer than LEVEL_GAP_MM or out of order
+    along the spine (L1/L2 -> L5/S1, the direction of the first decode), each level gets a few candidate places
+    and the levels take the most probable combination (the largest sum of log_p, by dynamic programming from
+    L1/L2 down) in which neighbours lie LEVEL_GAP_MM apart and in order. Conditions decoded well are returned
+    unchanged; so is one where no combination fits.
+    """
+    n_levels, everything = len(data.LEVELS), torch.ones(1, logits.shape[1], dtype=torch.bool)
+    points, confidence = (a[0] for a in decode_heatmaps(logits[None], everything))
+    for first in range(0, len(points), n_levels):
+        found = np.stack([cell_mm(cells_mm, p) for p in points[first:first + n_levels]])
+        spine = (found[-1] - found[0]) / max(np.linalg.norm(found[-1] - found[0]), 1e-6)
+        apart = lambda upper, lower: np.linalg.norm(lower - upper) >= LEVEL_GAP_MM and (lower - upper) @ spine > 0  # noqa: E731
+        if all(apart(upper, lower) for upper, lower in zip(found[:-1], found[1:])):
+            continue
+        options = [level_candidates(logits[k], cells_mm) for k in range(first, first + n_levels)]
+        best = [(c.log_p, [c]) for c in options[0]]  # for each candidate of this level: the best path ending there
+        for level in range(1, n_levels):
+            best = [max(((total + c.log_p, path + [c]) for total, path in best
+                         if total > -np.inf and apart(path[-1].mm, c.mm)), key=lambda b: b[0], default=(-np.inf, []))
+                    for c in options[level]]
+        total, path = max(best, key=lambda b: b[0])
+        for k, chosen in enumerate(path if total > -np.inf else []):
+            points[first + k], confidence[first + k] = chosen.point, chosen.confidence
+    return points, confidence
 
 
 @torch.no_grad()

@@ -104,3 +104,46 @@ def test_a_point_outside_its_allowed_cells_is_decoded_inside_them():
     free, _ = models.decode_heatmaps(logits, torch.ones(1, 2, dtype=torch.bool))
     held, _ = models.decode_heatmaps(masked, torch.ones(1, 2, dtype=torch.bool))
     assert free[0, 0].tolist() == [1.0, 2.0, 2.0] and held[0, 0].tolist() == pytest.approx([0.0, 6.0, 7.0], abs=1e-3)
+
+
+def _spine_logits(peaks, height=50, width=10, depth=1):
+    """(5, D, h, w) logits with the given {level: [(slice, row, value), ...]} peaks at column 5; cells 3 mm apart on
+    a vertical spine (rows run toward the feet: patient z falls), slices 4 mm apart."""
+    logits = torch.full((5, depth, height, width), -10.0)
+    for level, spots in peaks.items():
+        for d, row, value in spots:
+            logits[level, d, row, 5] = value
+    d, rows, cols = np.meshgrid(np.arange(depth), np.arange(height), np.arange(width), indexing="ij")
+    cells_mm = np.stack([4.0 * d, 3.0 * cols, -3.0 * rows], -1).astype(np.float64)
+    return logits, cells_mm
+
+
+def test_a_level_decoded_on_its_neighbours_disc_is_placed_on_its_own():
+    discs = [4, 14, 24, 34, 44]  # rows of L1/L2 .. L5/S1, 30 mm apart
+    peaks = {k: [(0, row, 12.0)] for k, row in enumerate(discs)}
+    peaks[3] = [(0, 44, 10.0), (0, 34, 6.0)]  # L4/L5 is surest of L5/S1's disc, second of its own
+    logits, cells_mm = _spine_logits(peaks)
+    free, _ = models.decode_heatmaps(logits[None], torch.ones(1, 1, dtype=torch.bool))
+    assert free[0, 3, 2] == pytest.approx(44, abs=0.1)  # the independent decode puts two levels on one disc
+    points, _ = models.separate_levels(logits, cells_mm)
+    np.testing.assert_allclose(points[:, 2].numpy(), discs, atol=0.1)
+
+
+def test_levels_decoded_apart_and_in_order_are_left_as_decoded():
+    peaks = {k: [(0, row, 12.0), (0, row + 5, 9.0)] for k, row in enumerate([3, 13, 22, 33, 43])}
+    logits, cells_mm = _spine_logits(peaks)
+    free, confidence = models.decode_heatmaps(logits[None], torch.ones(1, 1, dtype=torch.bool))
+    points, separated = models.separate_levels(logits, cells_mm)
+    assert torch.equal(points, free[0]) and torch.equal(separated, confidence[0])
+
+
+def test_a_sure_level_keeps_its_disc_when_a_surer_neighbour_slipped_onto_it():
+    discs = [4, 14, 24, 34, 44]
+    peaks = {k: [(0, row, 12.0)] for k, row in enumerate(discs)}
+    peaks[0] = [(0, 4, 12.0), (1, 4, 12.0)]  # L1/L2 sure of its disc, its mass split over two slices
+    peaks[1] = [(0, 6, 13.0), (0, 14, 11.0)]  # L2/L3 slipped 6 mm from L1/L2, with most of its mass there
+    logits, cells_mm = _spine_logits(peaks, depth=2)
+    free, confidence = models.decode_heatmaps(logits[None], torch.ones(1, 2, dtype=torch.bool))
+    assert free[0, 1, 2] == pytest.approx(6, abs=0.1) and confidence[0, 1] > confidence[0, 0]  # surer by the decode
+    points, _ = models.separate_levels(logits, cells_mm)
+    np.testing.assert_allclose(points[:, 2].numpy(), discs, atol=0.1)
