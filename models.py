@@ -157,7 +157,8 @@ def predict_sagittal(model, series, image_size, device, where=None):
     return heat_to_volume(points.numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence.numpy()
 
 
-LEVEL_GAP_MM = 15.0  # neighbouring discs lie 25-40 mm apart: two levels decoded closer than this sit on one disc
+LEVEL_GAP_MM = 15.0  # neighbouring discs lie 25-40 mm apart head to foot: a level less far below the one above sits on its disc
+DOWN = np.array([0.0, 0.0, -1.0])  # patient z runs toward the head (DICOM), so L1/L2 -> L5/S1 runs along -z
 
 
 def cell_positions_mm(series, heat_hw):
@@ -168,7 +169,7 @@ def cell_positions_mm(series, heat_hw):
                                  series.pixel_spacing[:, None, None], centres[..., 0], centres[..., 1])
 
 
-# one place a level may take: heatmap [slice, col, row], decode confidence, patient mm, log probability near it
+# one place a level may take: heatmap [slice, col, row], confidence, patient mm, log probability within 7.5 mm
 Candidate = namedtuple("Candidate", "point confidence mm log_p")
 
 
@@ -179,16 +180,18 @@ def cell_mm(cells_mm, point):
 
 def level_candidates(logits, cells_mm, n_candidates=4):
     """Up to n_candidates Candidates for one point from its (D, h, w) logits: the free decode first, each next one
-    decoded outside LEVEL_GAP_MM of those before; log_p sums the probability within LEVEL_GAP_MM / 2."""
+    decoded outside LEVEL_GAP_MM of those before. Confidence is the decode's window mass as a share of the whole
+    heatmap (not of the cells left), so a moved point is no surer than the network was of that place."""
     everything, found = torch.ones(1, logits.shape[0], dtype=torch.bool), []
-    prob = logits.float().flatten().softmax(0).view_as(logits).cpu().numpy()
+    log_prob = logits.float().flatten().log_softmax(0).view_as(logits).cpu()
     allowed = (logits > -1e3).cpu().numpy()  # the cells `where` left it
     while allowed.any() and len(found) < n_candidates:
         masked = logits.masked_fill(~torch.as_tensor(allowed, device=logits.device), -1e4)
-        point, confidence = (a[0, 0] for a in decode_heatmaps(masked[None, None], everything))
+        point, share = (a[0, 0] for a in decode_heatmaps(masked[None, None], everything))
         distance = np.linalg.norm(cells_mm - cell_mm(cells_mm, point), axis=-1)
-        log_p = float(np.log(prob[distance <= LEVEL_GAP_MM / 2].sum() + 1e-12))
-        found.append(Candidate(point, confidence, cell_mm(cells_mm, point), log_p))
+        left = float(log_prob[torch.as_tensor(allowed)].logsumexp(0).exp())
+        log_p = float(log_prob[torch.as_tensor(distance <= LEVEL_GAP_MM / 2)].logsumexp(0))
+        found.append(Candidate(point, share * left, cell_mm(cells_mm, point), log_p))
         allowed &= distance >= LEVEL_GAP_MM
     return found
 
@@ -198,18 +201,16 @@ def separate_levels(logits, cells_mm):
     pixels and (K,) confidence, with no two levels of a condition on one disc.
 
     Each point is decoded on its own (decode_heatmaps), and discs look alike, so a level can take its neighbour's
-    disc (L4/L5 decoded on L5/S1). Where a condition's levels come out closer than LEVEL_GAP_MM or out of order
-    along the spine (L1/L2 -> L5/S1, the direction of the first decode), each level gets a few candidate places
-    and the levels take the most probable combination (the largest sum of log_p, by dynamic programming from
-    L1/L2 down) in which neighbours lie LEVEL_GAP_MM apart and in order. Conditions decoded well are returned
-    unchanged; so is one where no combination fits.
+    disc (L4/L5 decoded on L5/S1). Where a condition's levels do not each lie at least LEVEL_GAP_MM below the one
+    above (patient z), each level gets a few candidate places and the levels take the most probable combination
+    (the largest sum of log_p, by dynamic programming from L1/L2 down) in which they do. Conditions decoded well
+    are returned unchanged; so is one where no combination fits.
     """
     n_levels, everything = len(data.LEVELS), torch.ones(1, logits.shape[1], dtype=torch.bool)
     points, confidence = (a[0] for a in decode_heatmaps(logits[None], everything))
+    apart = lambda upper, lower: (lower - upper) @ DOWN >= LEVEL_GAP_MM  # noqa: E731
     for first in range(0, len(points), n_levels):
-        found = np.stack([cell_mm(cells_mm, p) for p in points[first:first + n_levels]])
-        spine = (found[-1] - found[0]) / max(np.linalg.norm(found[-1] - found[0]), 1e-6)
-        apart = lambda upper, lower: np.linalg.norm(lower - upper) >= LEVEL_GAP_MM and (lower - upper) @ spine > 0  # noqa: E731
+        found = [cell_mm(cells_mm, p) for p in points[first:first + n_levels]]
         if all(apart(upper, lower) for upper, lower in zip(found[:-1], found[1:])):
             continue
         options = [level_candidates(logits[k], cells_mm) for k in range(first, first + n_levels)]
@@ -218,7 +219,7 @@ def separate_levels(logits, cells_mm):
             best = [max(((total + c.log_p, path + [c]) for total, path in best
                          if total > -np.inf and apart(path[-1].mm, c.mm)), key=lambda b: b[0], default=(-np.inf, []))
                     for c in options[level]]
-        total, path = max(best, key=lambda b: b[0])
+        total, path = max(best, key=lambda b: b[0], default=(-np.inf, []))
         for k, chosen in enumerate(path if total > -np.inf else []):
             points[first + k], confidence[first + k] = chosen.point, chosen.confidence
     return points, confidence

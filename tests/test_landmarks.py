@@ -125,6 +125,17 @@ def test_a_level_decoded_on_its_neighbours_disc_is_placed_on_its_own():
     logits, cells_mm = _spine_logits(peaks)
     free, _ = models.decode_heatmaps(logits[None], torch.ones(1, 1, dtype=torch.bool))
     assert free[0, 3, 2] == pytest.approx(44, abs=0.1)  # the independent decode puts two levels on one disc
+    points, confidence = models.separate_levels(logits, cells_mm)
+    np.testing.assert_allclose(points[:, 2].numpy(), discs, atol=0.1)
+    assert confidence[3] < 0.05  # as sure as the network was of that place (2 %), not of what was left there
+
+
+def test_levels_slipped_at_both_ends_are_put_back_head_to_foot():
+    discs = [4, 14, 24, 34, 44]
+    peaks = {k: [(0, row, 12.0)] for k, row in enumerate(discs)}
+    peaks[0] = [(0, 24, 12.0), (0, 4, 8.0)]  # L1/L2 on L3/L4's disc, L5/S1 on L2/L3's: the first decode runs upward
+    peaks[4] = [(0, 14, 12.0), (0, 44, 8.0)]
+    logits, cells_mm = _spine_logits(peaks)
     points, _ = models.separate_levels(logits, cells_mm)
     np.testing.assert_allclose(points[:, 2].numpy(), discs, atol=0.1)
 
