@@ -106,6 +106,9 @@ class SeverityNet(nn.Module):
         return logits[torch.arange(batch, device=crops.device), groups]  # (B, 3)
 
 
+MASKED = -1e4  # the logit of a heatmap cell a point may not take: no probability after the softmax
+
+
 def decode_heatmaps(logits, depth_mask, window=2):
     """(B, K, D, h, w) logits -> (B, K, 3) [slice, col, row] in heatmap pixels and (B, K) confidence.
 
@@ -113,7 +116,7 @@ def decode_heatmaps(logits, depth_mask, window=2):
     (2*window+1)^2 window around the peak of that slice, so far-away mass cannot bias it.
     """
     batch, n_points, depth, height, width = logits.shape
-    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
+    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), MASKED)
     prob = masked.flatten(2).softmax(-1).view_as(masked)
     slice_index = prob.sum((-1, -2)).argmax(-1)  # (B, K)
     plane = torch.gather(prob, 2, slice_index.view(batch, n_points, 1, 1, 1).expand(-1, -1, 1, height, width))[:, :, 0]
@@ -152,7 +155,7 @@ def predict_sagittal(model, series, image_size, device, where=None):
     if where is not None:
         allowed = torch.as_tensor(where(tuple(logits.shape[-2:])), device=logits.device)
         allowed |= ~allowed.flatten(1).any(1)[:, None, None, None]
-        logits = logits.masked_fill(~allowed[None], -1e4)
+        logits = logits.masked_fill(~allowed[None], MASKED)
     points, confidence = separate_levels(logits[0], cell_positions_mm(series, tuple(logits.shape[-2:])))
     return heat_to_volume(points.numpy(), logits.shape[-2:], series.volume.shape[1:]), confidence.numpy()
 
@@ -161,10 +164,14 @@ LEVEL_GAP_MM = 15.0  # neighbouring discs lie 25-40 mm apart head to foot: a lev
 DOWN = np.array([0.0, 0.0, -1.0])  # patient z runs toward the head (DICOM), so L1/L2 -> L5/S1 runs along -z
 
 
+def cell_centres(volume_hw, heat_hw):
+    """(h, w, 2) [col, row] in volume pixels of the centre of every heatmap cell."""
+    return data.to_original(np.stack(np.meshgrid(np.arange(heat_hw[1]), np.arange(heat_hw[0])), -1), volume_hw, heat_hw)
+
+
 def cell_positions_mm(series, heat_hw):
     """(D, h, w, 3) patient mm of the centre of every heatmap cell of a series."""
-    centres = data.to_original(np.stack(np.meshgrid(np.arange(heat_hw[1]), np.arange(heat_hw[0])), -1),
-                               series.volume.shape[1:], heat_hw)  # (h, w, 2) [col, row] in volume pixels
+    centres = cell_centres(series.volume.shape[1:], heat_hw)
     return data.pixel_to_patient(series.positions[:, None, None], series.orientations[:, None, None],
                                  series.pixel_spacing[:, None, None], centres[..., 0], centres[..., 1])
 
@@ -184,14 +191,15 @@ def level_candidates(logits, cells_mm, n_candidates=4):
     heatmap (not of the cells left), so a moved point is no surer than the network was of that place."""
     everything, found = torch.ones(1, logits.shape[0], dtype=torch.bool), []
     log_prob = logits.float().flatten().log_softmax(0).view_as(logits).cpu()
-    allowed = (logits > -1e3).cpu().numpy()  # the cells `where` left it
+    allowed = (logits > MASKED / 2).cpu().numpy()  # the cells `where` left it
     while allowed.any() and len(found) < n_candidates:
-        masked = logits.masked_fill(~torch.as_tensor(allowed, device=logits.device), -1e4)
+        masked = logits.masked_fill(~torch.as_tensor(allowed, device=logits.device), MASKED)
         point, share = (a[0, 0] for a in decode_heatmaps(masked[None, None], everything))
-        distance = np.linalg.norm(cells_mm - cell_mm(cells_mm, point), axis=-1)
+        at = cell_mm(cells_mm, point)
+        distance = np.linalg.norm(cells_mm - at, axis=-1)
         left = float(log_prob[torch.as_tensor(allowed)].logsumexp(0).exp())
         log_p = float(log_prob[torch.as_tensor(distance <= LEVEL_GAP_MM / 2)].logsumexp(0))
-        found.append(Candidate(point, share * left, cell_mm(cells_mm, point), log_p))
+        found.append(Candidate(point, share * left, at, log_p))
         allowed &= distance >= LEVEL_GAP_MM
     return found
 
@@ -245,7 +253,7 @@ def foramen_cells(series, canal_mm, heat_hw):
     (patient +x is the left) and within FORAMEN_REACH_MM of its level's canal point. One series then keeps another
     from slipping to the next level or to the other side."""
     depth, volume_hw = len(series.positions), series.volume.shape[1:]
-    centres = data.to_original(np.stack(np.meshgrid(np.arange(heat_hw[1]), np.arange(heat_hw[0])), -1), volume_hw, heat_hw)
+    centres = cell_centres(volume_hw, heat_hw)
     allowed = np.zeros((len(data.POINTS_OF_SERIES["Sagittal T1"]), depth) + tuple(heat_hw), dtype=bool)
     for k, (condition, level) in enumerate(data.POINTS_OF_SERIES["Sagittal T1"]):
         point = canal_mm[data.LEVELS.index(level)]
