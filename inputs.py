@@ -3,7 +3,7 @@
     image = sagittal_slices(series, 96)              # (D, 96, 96) normalised slices at the network's size
     x = sagittal_input(image, series)                # (D, 2, 96, 96): + each slice's offset across the stack
     x = axial_input(axial_image(series, d, 96), column_direction(series, d))   # (1, 2, 96, 96)
-    crops, groups, available = study_crops(study, landmarks, settings)           # (25, S, C, C) 2.5D crops
+    crops, groups, columns = study_crops(study, landmarks, settings)   # (A, S, C, C): rows with a landmark
 
 Training augments the image between the two calls (random_affine, random_intensity, mirror_axial), so the
 extra channel always describes the image the network sees. Augmentations move their points with the image.
@@ -143,26 +143,34 @@ def mirror_flags(series, slice_index, condition):
 
 
 def study_crops(study, landmarks, settings, degrees=None):
-    """Crops (25, S, C, C) in LABEL_COLUMNS order, condition groups (25,), and which rows have a landmark (25,).
+    """Crops (A, S, C, C) of the A rows that have a landmark, their condition groups (A,) and their columns (A,):
+    indices into LABEL_COLUMNS, in that order. A row without a landmark gets no crop at all.
 
+    No zero image stands in for a missing row: training, the BatchNorm recomputation and grading forward the same
+    kind of input, so the batch statistics BatchNorm learns from are those it grades with (on a set where most rows
+    have no landmark, zero images were most of every training batch and eval mode graded something else).
     study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings: the severity
     checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}. Right-side crops are
     mirrored onto the left (mirror_flags), so one head serves both sides. degrees (25,): turn each crop (training).
     """
-    n_slices, out_px = settings["n_slices"], settings["crop_px"]
-    crops = torch.zeros(data.N_LABELS, n_slices, out_px, out_px)
-    groups = torch.tensor([data.GROUP_OF_CONDITION[c] for c, _ in data.COLUMN_POINTS])
-    available = torch.zeros(data.N_LABELS, dtype=torch.bool)
+    crops, columns = [], []
     for j, (condition, level) in enumerate(data.COLUMN_POINTS):
         landmark = landmarks.get((condition, level))
         if landmark is None:
             continue
         series = study[landmark.series_id].series
         reverse, flip_columns = mirror_flags(series, landmark.slice, condition)
-        crops[j] = crop_2p5d(series, landmark.slice, landmark.col, landmark.row, settings["crop_mm"][groups[j]], out_px,
-                             n_slices, reverse, flip_columns, 0.0 if degrees is None else degrees[j])
-        available[j] = True
-    return crops, groups, available
+        size_mm = settings["crop_mm"][data.GROUP_OF_CONDITION[condition]]
+        turn = 0.0 if degrees is None else degrees[j]
+        crops.append(crop_2p5d(series, landmark.slice, landmark.col, landmark.row, size_mm, settings["crop_px"],
+                               settings["n_slices"], reverse, flip_columns, turn))
+        columns.append(j)
+    columns = torch.tensor(columns, dtype=torch.long)
+    groups = torch.tensor([data.GROUP_OF_CONDITION[c] for c, _ in data.COLUMN_POINTS])[columns]
+    if not crops:
+        empty = torch.zeros(0, settings["n_slices"], settings["crop_px"], settings["crop_px"])
+        return empty, groups, columns
+    return torch.stack(crops), groups, columns
 
 
 # -----------------------------------------------------------------------------

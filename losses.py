@@ -145,8 +145,8 @@ def any_severe_loss(logits, targets):
     weight = the worst labelled row's weight."""
     spinal_logits = logits.view(-1, N_LABELS, N_SEVERITIES)[:, data.SPINAL_COLUMNS]  # (B, 5, 3)
     spinal_targets = targets.view(-1, N_LABELS)[:, data.SPINAL_COLUMNS]
-    severe = spinal_logits.float().softmax(-1)[..., 2].max(dim=1).values.clamp(EPS, 1 - EPS)
-    labelled = spinal_targets != MISSING
+    labelled = spinal_targets != MISSING  # as in the metric, an unlabelled level takes no part in the max
+    severe = spinal_logits.float().softmax(-1)[..., 2].masked_fill(~labelled, 0.0).max(dim=1).values.clamp(EPS, 1 - EPS)
     worst = torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
     weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=severe.dtype, device=severe.device)[worst] * labelled.any(dim=1)
     target = (worst == 2).to(severe.dtype)

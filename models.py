@@ -356,7 +356,8 @@ def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
     (test-time augmentation) and averages.
     """
     offsets = [(0.0, 0.0)] + ([(shift_mm, 0.0), (-shift_mm, 0.0), (0.0, shift_mm), (0.0, -shift_mm)] if shift_mm else [])
-    total, count, available = np.zeros((data.N_LABELS, data.N_SEVERITIES)), 0, None
+    total, count = np.zeros((data.N_LABELS, data.N_SEVERITIES)), 0
+    available = np.zeros(data.N_LABELS, dtype=bool)
     for along_col, along_row in offsets:
         moved = shifted(study, landmarks, along_col, along_row)
         crops_of = {}  # settings -> crops: models sharing settings share crops
@@ -364,14 +365,15 @@ def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
             key = json.dumps(settings, sort_keys=True)
             if key not in crops_of:
                 crops_of[key] = inputs.study_crops(study, moved, settings)
-            crops, groups, available = crops_of[key]
-            if available.any():
-                logits = model(crops[available].to(device), groups[available].to(device)).float().cpu()
-                scaled = logits / torch.as_tensor(temperatures, dtype=torch.float32)[groups[available], None]
-                total[available.numpy()] += scaled.softmax(-1).numpy()
+            crops, groups, columns = crops_of[key]  # only the rows with a landmark
+            if len(columns):
+                logits = model(crops.to(device), groups.to(device)).float().cpu()
+                scaled = logits / torch.as_tensor(temperatures, dtype=torch.float32)[groups, None]
+                total[columns.numpy()] += scaled.softmax(-1).numpy()
+                available[columns.numpy()] = True
             count += 1
-    total[~available.numpy()] = np.nan
-    return total / count, available.numpy()
+    total[~available] = np.nan
+    return total / count, available
 
 
 def shifted(study, landmarks, along_col_mm, along_row_mm):

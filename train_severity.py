@@ -117,7 +117,8 @@ def load_labelled_study(entry, cache_dir):
 
 
 class StudyCrops(torch.utils.data.Dataset):
-    """All 25 crops of a study: crops (25, S, C, C), groups (25,), labels (25,) with MISSING where unusable."""
+    """The crops of a study's rows that have a landmark: crops (A, S, C, C), groups (A,), columns (A,) into the 25
+    LABEL_COLUMNS, and the study's labels (25,) with MISSING where a row has no crop."""
 
     def __init__(self, entries, settings, args, augment):
         self.entries, self.settings, self.args, self.augment = entries, settings, args, augment
@@ -131,18 +132,25 @@ class StudyCrops(torch.utils.data.Dataset):
         if self.augment:
             landmarks = inputs.jitter_landmarks(study, landmarks, self.args.jitter_mm, self.args.slice_jitter)
         degrees = np.random.uniform(-1, 1, data.N_LABELS) * self.args.rotate_degrees if self.augment and self.args.rotate_degrees else None
-        crops, groups, available = inputs.study_crops(study, landmarks, self.settings, degrees)
-        if self.augment:
+        crops, groups, columns = inputs.study_crops(study, landmarks, self.settings, degrees)
+        if self.augment and len(crops):
             crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
-        labels = torch.as_tensor(entry.labels).masked_fill(~available, data.MISSING)
+        labels = torch.full((data.N_LABELS,), data.MISSING, dtype=torch.long)
+        labels[columns] = torch.as_tensor(entry.labels, dtype=torch.long)[columns]
         off_series = sum(landmark.series_id != entry.points[name].series_id for name, landmark in landmarks.items())
-        return crops, groups, labels, index, off_series
+        return crops, groups, columns, labels, index, off_series
+
+
+# a batch of studies: only the rows with a landmark have a crop
+StudyBatch = namedtuple("StudyBatch", "crops groups rows labels indices off_series")
 
 
 def collate_studies(batch):
-    """Crops (B*25, S, C, C), groups and labels (B*25,), study indices (B,), crops taken off their label's series."""
-    return (torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch]),
-            torch.tensor([b[3] for b in batch]), sum(b[4] for b in batch))
+    """StudyBatch: crops (A, S, C, C) and groups (A,) of the rows with a landmark, rows (A,) their places in the
+    batch's B * 25 labels, labels (B * 25,), study indices (B,), crops taken off their label's series."""
+    rows = torch.cat([columns + data.N_LABELS * b for b, (_, _, columns, *_) in enumerate(batch)])
+    return StudyBatch(torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch]), rows,
+                      torch.cat([b[3] for b in batch]), torch.tensor([b[4] for b in batch]), sum(b[5] for b in batch))
 
 
 def describe_series_spread(entries):
@@ -254,25 +262,33 @@ def train_epoch(model, loader, optimizer, scaler, ctx, epoch, step, total_steps,
     lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # defined even when the loader is empty
     fetch_start = time.time()
     off_series, seen_labels, seen_guesses = 0, [], []
-    for batch_index, (crops, groups, labels, indices, batch_off_series) in enumerate(loader):
+    for batch_index, batch in enumerate(loader):
         if batch_index >= steps_per_epoch:
             break
         waited += time.time() - fetch_start
-        off_series += batch_off_series
+        off_series += batch.off_series
+        if not len(batch.rows):  # no study of the batch has a landmark: nothing to learn from
+            continue
         lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
         training.set_lr(optimizer, lr)
-        crops, groups, labels = (t.to(runtime.device, non_blocking=True) for t in (crops, groups, labels))
+        crops = batch.crops.to(runtime.device, non_blocking=True)
+        groups = batch.groups.to(runtime.device, non_blocking=True)
+        rows = batch.rows.to(runtime.device, non_blocking=True)
+        labels = batch.labels.to(runtime.device, non_blocking=True)
         with ctx:
-            logits = model(crops, groups)  # (B * 25, 3)
-        loss = losses.weighted_cross_entropy(logits, labels, 0.0 if args.overfit_batches else args.label_smoothing)
-        if args.any_severe_weight:
-            loss = loss + args.any_severe_weight * losses.any_severe_loss(logits, labels)
+            logits = model(crops, groups)  # (A, 3): the rows with a landmark
+        loss = losses.weighted_cross_entropy(logits, labels[rows], 0.0 if args.overfit_batches else args.label_smoothing)
+        if args.any_severe_weight:  # the per-study term needs every row in place; rows without a crop stay masked
+            placed = logits.new_zeros(len(labels), data.N_SEVERITIES).index_copy(0, rows, logits)
+            loss = loss + args.any_severe_weight * losses.any_severe_loss(placed, labels)
         if not torch.isfinite(loss):
-            studies = [loader.dataset.entries[i].study_id for i in indices.tolist()]
+            studies = [loader.dataset.entries[i].study_id for i in batch.indices.tolist()]
             raise FloatingPointError(f"severity: non-finite loss at step {step} (epoch {epoch}), studies {studies}")
         training.optimizer_step(loss, optimizer, scaler)
         batch_losses.append(loss.item())
-        seen_labels.append(labels.view(-1, data.N_LABELS).cpu()), seen_guesses.append(logits.argmax(-1).view(-1, data.N_LABELS).cpu())
+        guesses = torch.zeros(len(labels), dtype=torch.long).index_copy(0, batch.rows, logits.argmax(-1).cpu())
+        seen_labels.append(batch.labels.view(-1, data.N_LABELS))
+        seen_guesses.append(guesses.view(-1, data.N_LABELS))  # rows without a crop are MISSING in the labels
         step += 1
         if runtime.rank == 0:
             training.print_progress("severity", epoch, args.epochs, batch_index, steps_per_epoch, batch_losses, lr, started,
@@ -327,9 +343,9 @@ def batchnorm_batches(entries, settings, cache_dir, device):
     batches = []
     for entry in entries:
         study, landmarks = load_labelled_study(entry, cache_dir)
-        crops, groups, available = inputs.study_crops(study, landmarks, settings)
-        if available.any():
-            batches.append((crops[available].to(device), groups[available].to(device)))
+        crops, groups, _ = inputs.study_crops(study, landmarks, settings)
+        if len(crops):
+            batches.append((crops.to(device), groups.to(device)))
     return batches
 
 
@@ -425,8 +441,9 @@ def main(argv=None):
     settings = dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))  # inference rebuilds crops from these
     if main_process:
         describe_series_spread(train_entries)
-        crops, groups, labels = collate_studies([StudyCrops(train_entries, settings, args, True)[i] for i in range(min(4, len(train_entries)))])[:3]
-        save_crops_png(os.path.join(args.out_dir, "crops_train.png"), crops, groups, labels)  # look before you train
+        first = collate_studies([StudyCrops(train_entries, settings, args, True)[i] for i in range(min(4, len(train_entries)))])
+        save_crops_png(os.path.join(args.out_dir, "crops_train.png"), first.crops, first.groups,
+                       first.labels[first.rows])  # look before you train
 
     splits = member_splits(train_entries, args.members)
     names = ["severity"] if args.members == 1 else [f"severity_member{k}" for k in range(args.members)]

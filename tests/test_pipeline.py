@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import data
+import losses
 import infer
 import synthetic
 import tables
@@ -278,3 +279,28 @@ def test_members_train_on_complementary_folds_and_one_checkpoint_holds_them_with
     assert len(severity_models) == 2 and prior.shape == (25, 3)
     infer.main(["--data-dir", str(tiny), "--out-dir", str(run), "--cache-dir", str(tiny / "cache"), "--landmark-dir", str(trained)])
     _assert_complete(pd.read_csv(run / "submission.csv"), tiny)
+
+
+def test_eval_mode_grades_what_training_fitted_when_most_rows_have_no_landmark(tmp_path):
+    """Only the 5 canal rows of each study are labelled (as on the real stenosis set): training must not forward
+    stand-in images for the other 20, or BatchNorm learns batch statistics that eval mode never sees. Overfit one
+    unaugmented batch, then grade the same studies in eval mode: the loss must be what training reached."""
+    synthetic.make_dataset(str(tmp_path), 4, 0, seed=5, size=64, workers=1)
+    labels = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
+    for column in data.LABEL_COLUMNS[data.N_LEVELS:]:
+        labels[column] = ""
+    labels.to_csv(tmp_path / "train.csv", index=False)
+    coordinates = pd.read_csv(tmp_path / "train_label_coordinates.csv")
+    coordinates[coordinates["condition"] == "Spinal Canal Stenosis"].to_csv(tmp_path / "train_label_coordinates.csv",
+                                                                           index=False)
+    run = tmp_path / "run"
+    train_severity.main(_common(tmp_path, run) + ["--all-studies", "--overfit-batches", "1", "--epochs", "8",
+                                                  "--crop-px", "32", "--n-slices", "3", "--lr", "3e-3"])
+    fitted = pd.read_csv(run / "severity.csv")["train_loss"].min()
+    infer.main(["--data-dir", str(tmp_path), "--out-dir", str(run), "--cache-dir", str(tmp_path / "cache"),
+                "--split", "train", "--true-landmarks", "--no-score"])
+    solution = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
+    graded = losses.condition_group_losses(solution, pd.read_csv(run / "submission.csv"))["spinal"]
+    first = pd.read_csv(run / "severity.csv")["train_loss"].iloc[0]
+    assert fitted < 0.5 * first  # training did fit the batch
+    assert graded < 1.5 * fitted + 0.05, (graded, fitted)  # eval mode grades as training fitted (was 0.30 vs 0.00)

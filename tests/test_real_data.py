@@ -59,7 +59,7 @@ def test_every_label_is_cropped_from_its_own_series(split):
     settings = dict(n_slices=3, crop_px=16, crop_mm=[30.0, 30.0, 30.0])
     args = train_severity.parse_args(["--data-dir", str(split), "--out-dir", "x", "--cache-dir", str(split / "cache")])
     dataset = train_severity.StudyCrops(entries, settings, args, augment=True)
-    assert all(dataset[i][4] == 0 for i in range(len(entries)))  # jitter never moves a crop off its series
+    assert all(dataset[i][5] == 0 for i in range(len(entries)))  # jitter never moves a crop off its series
 
 
 def test_same_seed_with_and_without_split_writes_the_same_patients(split, tmp_path):

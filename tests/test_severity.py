@@ -51,7 +51,10 @@ def test_mirroring_puts_right_side_crops_onto_the_left():
                  ("left_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
                  ("right_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0, 30.0, 1.0),
                  ("left_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0, 30.0, 1.0)}
-    crops, groups, available = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
+    crops, groups, columns = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
+    assert columns.tolist() == sorted(data.LABEL_COLUMNS.index(f"{c}_{lv}") for c, lv in landmarks)  # no crop for the rest
+    crops = dict(zip(columns.tolist(), crops))
+    groups = dict(zip(columns.tolist(), groups))
     column = data.LABEL_COLUMNS.index
     left, right = crops[column("left_subarticular_stenosis_l4_l5")], crops[column("right_subarticular_stenosis_l4_l5")]
     assert left[1].max() > 0 and left[1, :, :10].max() > left[1, :, 10:].max()  # the mark, seen on the image's left
@@ -59,7 +62,7 @@ def test_mirroring_puts_right_side_crops_onto_the_left():
     left_f, right_f = crops[column("left_neural_foraminal_narrowing_l1_l2")], crops[column("right_neural_foraminal_narrowing_l1_l2")]
     assert left_f[2].max() > 0 and right_f[0].max() > 0  # the next slice's mark comes first once mirrored
     torch.testing.assert_close(right_f, left_f.flip(0))  # slice order reversed
-    assert available.sum() == 4 and groups[column("right_subarticular_stenosis_l4_l5")] == 2
+    assert len(crops) == 4 and groups[column("right_subarticular_stenosis_l4_l5")] == 2
 
 
 def test_fallback_rows_equal_weighted_prior_and_submission_is_complete():
@@ -77,8 +80,8 @@ def test_fallback_rows_equal_weighted_prior_and_submission_is_complete():
 
 def _marked_crops(series, landmarks):
     study = {1: data.StudySeries(landmarks[next(iter(landmarks))].series_type, 1, series)}
-    crops, _, _ = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
-    return crops, data.LABEL_COLUMNS.index
+    crops, _, columns = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
+    return dict(zip(columns.tolist(), crops)), data.LABEL_COLUMNS.index
 
 
 def test_axial_mirroring_follows_which_way_the_columns_run():
