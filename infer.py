@@ -159,7 +159,7 @@ def report_scores(solution, submission, prior, study_ids, tag=""):
     """Print the score and each metric term beside the weighted-prior baseline; return both."""
     baseline = losses.probabilities_to_submission(study_ids, np.broadcast_to(prior, (len(study_ids),) + prior.shape))
     ours, base = losses.condition_group_losses(solution, submission), losses.condition_group_losses(solution, baseline)
-    score, base_score = float(np.mean(list(ours.values()))), float(np.mean(list(base.values())))
+    score, base_score = losses.mean_of_terms(ours), losses.mean_of_terms(base)
     print(f"{tag}score {score:.4f}  (weighted-prior baseline {base_score:.4f}, ratio {score / base_score:.3f})")
     for name in ours:
         print(f"  {name:18s} {ours[name]:.4f}  (prior {base[name]:.4f})")

@@ -16,7 +16,9 @@ PROBABILITY_FLOOR = 1e-4  # our submitted probabilities stay inside [floor, 1 - 
 
 
 def _weighted_log_loss(true_index, probabilities, weights):
-    """sum_i w_i * -log p_i[true_i] / sum_i w_i; rows already normalised and clipped by _aligned()."""
+    """sum_i w_i * -log p_i[true_i] / sum_i w_i; rows already normalised and clipped by _aligned(). NaN for no rows."""
+    if len(true_index) == 0:
+        return float("nan")
     picked = probabilities[np.arange(len(true_index)), true_index]
     return float(np.sum(weights * -np.log(picked)) / np.sum(weights))
 
@@ -65,7 +67,8 @@ def _aligned(solution, submission):
 
 
 def condition_group_losses(solution, submission):
-    """{spinal, foraminal, subarticular, any_severe_spinal: loss}: the four terms the competition score averages."""
+    """{spinal, foraminal, subarticular, any_severe_spinal: loss}: the four terms the competition score averages.
+    A term without a labelled row (a dataset that grades some conditions only) is NaN."""
     truth, predicted, weights = _aligned(solution, submission)
     targets = truth["target"].to_numpy()
     out = {}
@@ -88,7 +91,13 @@ def competition_score(solution, submission):
     normalised again before use, as the host's log loss does; any_severe uses the max over levels of the normalised `severe`.
     Raises ValueError on missing or duplicated rows, non-finite or negative values.
     """
-    return float(np.mean(list(condition_group_losses(solution, submission).values())))
+    return mean_of_terms(condition_group_losses(solution, submission))
+
+
+def mean_of_terms(terms):
+    """The score from condition_group_losses' terms: their mean, leaving out terms with no labelled row (NaN)."""
+    values = np.array(list(terms.values()), dtype=np.float64)
+    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 def labels_to_solution(study_ids, labels):

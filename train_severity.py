@@ -190,7 +190,7 @@ def evaluate(severity_models, prior, entries, args, device, landmark_models=None
     study_ids = [e.study_id for e in entries]
     solution = losses.labels_to_solution(study_ids, np.stack([e.labels for e in entries]))
     terms = losses.condition_group_losses(solution, losses.probabilities_to_submission(study_ids, losses.finalise(probabilities)))
-    return dict(score=float(np.mean(list(terms.values()))), **{f"val_loss_{k}": v for k, v in terms.items()}), probabilities
+    return dict(score=losses.mean_of_terms(terms), **{f"val_loss_{k}": v for k, v in terms.items()}), probabilities
 
 
 def confusion_matrices(entries, probabilities):

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import ROOT
 
-SCRIPTS = ["train_landmarks.py", "train_severity.py", "infer.py", "synthetic.py"]
+SCRIPTS = ["train_landmarks.py", "train_severity.py", "infer.py", "synthetic.py", "real_stenosis.py"]
 MODULES = ["data", "tables", "cache", "inputs", "models", "losses", "training", "viz", "phantom"]
 
 
@@ -41,7 +41,7 @@ def test_the_import_check_catches_a_script_importing_a_script(tmp_path):
     (tmp_path / "infer.py").write_text("import numpy as np\nfrom train_landmarks import predict_sagittal\n")
     (tmp_path / "train_severity.py").write_text("def f():\n    import infer\n")
     assert script_imports(tmp_path) == {"train_landmarks.py": [], "train_severity.py": ["infer"], "infer.py": ["train_landmarks"],
-                                        "synthetic.py": []}
+                                        "synthetic.py": [], "real_stenosis.py": []}
 
 
 @pytest.mark.parametrize("name", MODULES)
