@@ -181,32 +181,38 @@ def auc(scores, positive):
     return float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative))
 
 
-def reliability(predicted, observed, bins):
-    """[(low, high, rows, mean predicted, observed rate)] over equal-width bins of predicted probability."""
+def reliability(predicted, grades, bins):
+    """[(low, high, rows, mean predicted, observed rate, metric target)] over equal-width bins of predicted
+    P(not Normal/Mild). The metric weighs Moderate 2 and Severe 4, so the prediction that minimises it is not the
+    observed rate of not Normal/Mild but (2 * Moderate + 4 * Severe) / (Normal + 2 * Moderate + 4 * Severe)
+    counted over the bin: the metric target, which a grader fitted to the metric should match."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     table = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (predicted >= low) & ((predicted < high) | (high == 1.0))
+        counts = np.bincount(grades[inside], minlength=data.N_SEVERITIES) * np.asarray(data.SEVERITY_WEIGHTS)
         if inside.any():
-            table.append((low, high, int(inside.sum()), float(predicted[inside].mean()), float(observed[inside].mean())))
+            table.append((low, high, int(inside.sum()), float(predicted[inside].mean()),
+                          float((grades[inside] > 0).mean()), float(counts[1:].sum() / counts.sum())))
         else:
-            table.append((low, high, 0, float("nan"), float("nan")))
+            table.append((low, high, 0, float("nan"), float("nan"), float("nan")))
     return table
 
 
-def fold_prior_submission(study_ids, labels, folds):
-    """The weighted prior of each study's training folds, in submission format (the baseline the ratio divides by)."""
-    probabilities = np.zeros(labels.shape + (data.N_SEVERITIES,))
+def fold_prior_submission(study_ids, folds, all_ids, all_labels):
+    """Each graded study's baseline: the weighted prior of the studies outside its fold (its fold's training
+    studies), in submission format."""
+    probabilities = np.zeros((len(study_ids), data.N_LABELS, data.N_SEVERITIES))
     for fold in np.unique(folds):
-        inside = folds == fold
-        probabilities[inside] = losses.weighted_prior(labels[~inside], smoothing=1.0)
+        outside = ~np.isin(all_ids, study_ids[folds == fold])
+        probabilities[folds == fold] = losses.weighted_prior(all_labels[outside], smoothing=1.0)
     return losses.probabilities_to_submission(study_ids, probabilities)
 
 
 def spinal_rows(study_ids, labels, submission):
-    """(P(not Normal/Mild), truth not Normal/Mild, level index) of every labelled spinal row."""
+    """(P(not Normal/Mild), true grade index, level index) of every labelled spinal row."""
     probabilities = submission.set_index("row_id")
-    scores, positives, levels = [], [], []
+    scores, grades, levels = [], [], []
     for study_id, study_labels in zip(study_ids, labels):
         for level, name in enumerate(data.LEVELS):
             column = f"spinal_canal_stenosis_{name}"
@@ -215,9 +221,9 @@ def spinal_rows(study_ids, labels, submission):
                 continue
             row = probabilities.loc[f"{study_id}_{column}"]
             scores.append(row["moderate"] + row["severe"])
-            positives.append(grade > 0)
+            grades.append(grade)
             levels.append(level)
-    return np.array(scores), np.array(positives), np.array(levels)
+    return np.array(scores), np.array(grades), np.array(levels)
 
 
 def out_of_fold_temperature(study_ids, labels, graded, folds):
@@ -241,7 +247,7 @@ def out_of_fold_temperature(study_ids, labels, graded, folds):
 
 def report(data_dir, runs_glob, bins):
     """Print the pooled k-fold figures; returns them as a dict."""
-    study_ids, labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
+    all_ids, all_labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
     run_dirs = sorted(glob.glob(runs_glob))
     files = sorted(path for run in run_dirs for path in glob.glob(os.path.join(run, "validation_fold*.csv")))
     if not files:
@@ -249,14 +255,15 @@ def report(data_dir, runs_glob, bins):
     fold_files = [pd.read_csv(path) for path in files]
     fold_of = {int(row_id.split("_")[0]): k for k, graded in enumerate(fold_files) for row_id in graded["row_id"]}
     graded = pd.concat(fold_files)
-    keep = np.isin(study_ids, list(fold_of))
-    study_ids, labels = study_ids[keep], labels[keep]
+    keep = np.isin(all_ids, list(fold_of))
+    study_ids, labels = all_ids[keep], all_labels[keep]
     folds = np.array([fold_of[s] for s in study_ids.tolist()])
     n_folds = len(files)
     solution = losses.labels_to_solution(study_ids, labels)
     terms = losses.condition_group_losses(solution, graded)
-    prior_terms = losses.condition_group_losses(solution, fold_prior_submission(study_ids, labels, folds))
-    scores, positives, levels = spinal_rows(study_ids, labels, graded)
+    prior_terms = losses.condition_group_losses(solution, fold_prior_submission(study_ids, folds, all_ids, all_labels))
+    scores, grades, levels = spinal_rows(study_ids, labels, graded)
+    positives = grades > 0
     out = dict(studies=len(study_ids), folds=n_folds, spinal=terms["spinal"], prior_spinal=prior_terms["spinal"],
                auc=auc(scores, positives), level_auc=[auc(scores[levels == k], positives[levels == k]) for k in range(5)])
     print(f"{len(study_ids)} studies in {n_folds} folds ({len(files)} validation files)")
@@ -269,10 +276,10 @@ def report(data_dir, runs_glob, bins):
           f"(T per fold {' '.join(f'{t:.2f}' for t in temperatures)})")
     mean_severe = float(graded[graded["row_id"].str.contains("spinal")]["severe"].mean())
     print(f"mean P(Severe) on spinal rows {mean_severe:.3f} (no label here is Severe)")
-    print("reliability of P(not Normal/Mild): bin, rows, mean predicted, observed rate")
-    out["reliability"] = reliability(scores, positives, bins)
-    for low, high, count, predicted, observed in out["reliability"]:
-        print(f"  {low:.1f}-{high:.1f}  {count:5d}  {predicted:.3f}  {observed:.3f}")
+    print("reliability of P(not Normal/Mild): bin, rows, mean predicted, observed rate, metric target (1/2/4 weights)")
+    out["reliability"] = reliability(scores, grades, bins)
+    for low, high, count, predicted, observed, target in out["reliability"]:
+        print(f"  {low:.1f}-{high:.1f}  {count:5d}  {predicted:.3f}  {observed:.3f}  {target:.3f}")
     for run in run_dirs:
         log_path = os.path.join(run, "landmarks_sag_t2.csv")
         if os.path.exists(log_path):

@@ -79,11 +79,13 @@ def test_auc_is_the_share_of_positive_negative_pairs_ranked_right():
 
 def test_reliability_table_by_hand():
     predicted = np.array([0.05, 0.15, 0.45, 0.55, 0.95, 1.0])
-    observed = np.array([0, 1, 0, 1, 1, 1])
-    table = real_stenosis.reliability(predicted, observed, 2)
+    grades = np.array([0, 1, 0, 1, 2, 1])
+    table = real_stenosis.reliability(predicted, grades, 2)
     assert [row[2] for row in table] == [3, 3]
     assert table[0][3] == pytest.approx(0.65 / 3) and table[0][4] == pytest.approx(1 / 3)
+    assert table[0][5] == pytest.approx(2 / (1 + 1 + 2))  # two Normal (weight 1 each), one Moderate (2)
     assert table[1][3] == pytest.approx(2.5 / 3) and table[1][4] == pytest.approx(1.0)
+    assert table[1][5] == pytest.approx(1.0)
 
 
 def test_a_dataset_with_spinal_labels_only_scores_without_the_empty_terms():
