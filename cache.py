@@ -1,18 +1,22 @@
-"""Decoded series kept on disk between epochs and runs: what the networks read, one byte a pixel, memory-mapped.
+"""Decoded series kept on disk between epochs and runs: what the networks read, one byte a pixel,
+memory-mapped.
 
-Network inputs see a series' intensities scaled so that its 1st..99.5th percentile maps to 0..1, clipped to
-[0, 1.5] (inputs.normalise). The cache keeps exactly that, as uint8 steps of 1.5 / 255 (0.6 % of the range,
-below the scanner noise), at full resolution: a cached series takes at most half the bytes of its 16-bit
-pixels, so less disk than its DICOM files unless they compress better than 2:1. Values outside the range come
-back clipped. The volume is a .npy file read through a memory map, so one slice is read without the rest.
+Network inputs see a series' intensities scaled so that its 1st..99.5th percentile maps to 0..1,
+clipped to [0, 1.5] (inputs.normalise). The cache keeps exactly that, as uint8 steps of 1.5 / 255
+(0.6 % of the range, below the scanner noise), at full resolution: a cached series takes at most
+half the bytes of its 16-bit pixels, so less disk than its DICOM files unless they compress better
+than 2:1. Values outside the range come back clipped. The volume is a .npy file read through a
+memory map, so one slice is read without the rest.
 
     stored = quantise(volume, intensity_range)        # (D, H, W) uint8
     write(path, stored, fields); stored, fields = read(path)
-    volume = StoredVolume(stored, intensity_range)    # indexing gives float32 in the series' own units
+    # indexing gives float32 in the series' own units
+    volume = StoredVolume(stored, intensity_range)
 
-A cache that cannot be written (disk full, read-only folder) warns once and the run carries on without it;
-a missing, half-written or corrupt cache file is a miss, never an error.
+A cache that cannot be written (disk full, read-only folder) warns once and the run carries on
+without it; a missing, half-written or corrupt cache file is a miss, never an error.
 """
+
 import contextlib
 import hashlib
 import os
@@ -28,7 +32,8 @@ _warned_folders = set()  # cache folders already warned about in this process
 
 
 class StoredVolume:
-    """A cached (D, H, W) volume: indexing gives float32 in the series' units, read only where indexed."""
+    """A cached (D, H, W) volume: indexing gives float32 in the series' units, read only where
+    indexed."""
 
     def __init__(self, stored, intensity_range):
         self.stored, self.shape, self.dtype = stored, stored.shape, np.dtype(np.float32)
@@ -46,14 +51,16 @@ class StoredVolume:
 
 
 def quantise(volume, intensity_range):
-    """(D, H, W) volume -> uint8 of its normalised intensities (intensity_range -> 0..1, clipped to [0, 1.5])."""
+    """(D, H, W) volume -> uint8 of its normalised intensities (intensity_range -> 0..1, clipped to
+    [0, 1.5])."""
     low, high = (float(v) for v in intensity_range)
     normalised = np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5)
     return np.rint(normalised / QUANTUM).astype(np.uint8)
 
 
 def path_of(series_dir, names, cache_dir):
-    """Cache file stem of a series: its folder name and a hash of its path and every file's name, size and mtime."""
+    """Cache file stem of a series: its folder name and a hash of its path and every file's name,
+    size and mtime."""
     stats = [(n, os.stat(os.path.join(series_dir, n))) for n in names]
     signature = VERSION + "|" + "|".join(f"{n}:{s.st_size}:{s.st_mtime_ns}" for n, s in stats)
     key = hashlib.sha1((os.path.abspath(series_dir) + signature).encode()).hexdigest()[:16]
@@ -61,22 +68,28 @@ def path_of(series_dir, names, cache_dir):
 
 
 def read(path):
-    """(stored uint8 memmap (D, H, W), the other fields) of a cached series, or None for any miss."""
+    """(stored uint8 memmap (D, H, W), the other fields) of a cached series, or None for any
+    miss."""
     try:
-        with open(path + ".pkl", "rb") as handle:  # written last: present means the volume is complete
+        # written last: present means the volume is complete
+        with open(path + ".pkl", "rb") as handle:
             fields = pickle.load(handle)
         stored = np.load(path + ".npy", mmap_mode="r")
         shape = fields.pop("shape")
-        return (stored, fields) if stored.dtype == np.uint8 and stored.shape == tuple(shape) else None
+        return (
+            (stored, fields) if stored.dtype == np.uint8 and stored.shape == tuple(shape) else None
+        )
     except Exception:  # noqa: BLE001 - absent, truncated, or not ours: decode the series again
         return None
 
 
 def write(path, stored, fields):
-    """Write the volume and the series' other fields; on an OSError warn once per folder and carry on.
+    """Write the volume and the series' other fields; on an OSError warn once per folder and carry
+    on.
 
-    Every writer uses its own temporary names and renames them into place, volume first and fields last, so
-    processes sharing a cold cache (torchrun ranks, loader workers) never read each other's half-written files.
+    Every writer uses its own temporary names and renames them into place, volume first and fields
+    last, so processes sharing a cold cache (torchrun ranks, loader workers) never read each other's
+    half-written files.
     """
     temporary = f"{path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -94,4 +107,7 @@ def write(path, stored, fields):
         folder = os.path.dirname(path)
         if folder not in _warned_folders:
             _warned_folders.add(folder)
-            warnings.warn(f"{folder}: cannot write the series cache ({type(error).__name__}: {error}); carrying on without it")
+            warnings.warn(
+                f"{folder}: cannot write the series cache ({type(error).__name__}: {error}); "
+                "carrying on without it"
+            )

@@ -1,15 +1,18 @@
-"""The whole pipeline on a split: DICOM studies -> landmarks -> 2.5D crops -> severities -> RUN/submission.csv.
+"""The whole pipeline on a split: DICOM studies -> landmarks -> 2.5D crops -> severities ->
+RUN/submission.csv.
 
     python infer.py --data-dir demo --out-dir runs/demo --split test
 
-Reads the checkpoints train_landmarks.py and train_severity.py wrote into --out-dir (or --landmark-dir and
---severity-checkpoints), writes RUN/submission.csv (25 rows for every study of {split}_series_descriptions.csv)
-and RUN/landmarks_<split>.csv, and prints the competition score beside the weighted-prior baseline when the
-truth is known (train split, or solution.csv beside the test split). Each checkpoint carries the input settings
-it was trained with, so inference rebuilds its inputs from the checkpoints alone.
-A study whose series is missing or unreadable still gets every row: the rows that series would serve
-fall back to the training prior, with a warning that names them.
+Reads the checkpoints train_landmarks.py and train_severity.py wrote into --out-dir (or
+--landmark-dir and --severity-checkpoints), writes RUN/submission.csv (25 rows for every study of
+{split}_series_descriptions.csv) and RUN/landmarks_<split>.csv, and prints the competition score
+beside the weighted-prior baseline when the truth is known (train split, or solution.csv beside the
+test split). Each checkpoint carries the input settings it was trained with, so inference rebuilds
+its inputs from the checkpoints alone. A study whose series is missing or unreadable still gets
+every row: the rows that series would serve fall back to the training prior, with a warning naming
+them.
 """
+
 import argparse
 import os
 import time
@@ -22,28 +25,38 @@ import data
 import losses
 import tables
 import training
-from models import grade_study, load_landmark_models, load_severity_models, predict_landmarks
+from predict import grade_study, load_landmark_models, load_severity_models, predict_landmarks
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # data
-    parser.add_argument("--data-dir", required=True, help="competition layout: {split}_series_descriptions.csv, {split}_images/")
-    parser.add_argument("--out-dir", required=True, help="run folder: severity checkpoint in, submission.csv out")
-    parser.add_argument("--split", default="test", choices=["test", "train"], help="which split's studies to grade")
-    parser.add_argument("--studies", default="", help="comma-separated study ids to grade (default: all of the split)")
-    parser.add_argument("--cache-dir", default="", help="series cache folder (default: none; each series is read once, "
-                        "and a cache of a ~700-study hidden test would take ~15 GB)")
+    parser.add_argument("--data-dir", required=True,
+                        help="competition layout: {split}_series_descriptions.csv, {split}_images/")
+    parser.add_argument("--out-dir", required=True,
+                        help="run folder: severity checkpoint in, submission.csv out")
+    parser.add_argument("--split", default="test", choices=["test", "train"],
+                        help="which split's studies to grade")
+    parser.add_argument("--studies", default="",
+                        help="comma-separated study ids to grade (default: all of the split)")
+    parser.add_argument("--cache-dir", default="",
+                        help="series cache folder (default: none; each series is read once, and a "
+                        "cache of a ~700-study hidden test would take ~15 GB)")
     # model
-    parser.add_argument("--landmark-dir", default="", help="folder of landmarks_<type>_best.pt (default: --out-dir)")
-    parser.add_argument("--severity-checkpoints", default="", help="comma-separated severity checkpoints to average "
+    parser.add_argument("--landmark-dir", default="",
+                        help="folder of landmarks_<type>_best.pt (default: --out-dir)")
+    parser.add_argument("--severity-checkpoints", default="",
+                        help="comma-separated severity checkpoints to average "
                         "(default: OUT/severity_best.pt)")
-    parser.add_argument("--true-landmarks", action="store_true", help="grade crops at the labelled points instead of "
-                        "predicted ones (train split, or solution_coordinates.csv beside a test split): stage 2 alone")
-    parser.add_argument("--tta-shift-mm", type=float, default=0.0, help="also grade crops moved this far up, down, "
-                        "forward and back, and average (0: off); softens the cost of a misplaced landmark")
-    parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True, help="measure the landmarks and "
-                        "score the submission where the split's truth is known")
+    parser.add_argument("--true-landmarks", action="store_true",
+                        help="grade crops at the labelled points instead of predicted ones (train "
+                        "split, or solution_coordinates.csv beside a test split): stage 2 alone")
+    parser.add_argument("--tta-shift-mm", type=float, default=0.0,
+                        help="also grade crops moved this far up, down, forward and back, and "
+                        "average (0: off); softens the cost of a misplaced landmark")
+    parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the landmarks and score the submission where the split's "
+                        "truth is known")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     return parser.parse_args(argv)
@@ -51,6 +64,10 @@ def parse_args(argv=None):
 
 # -----------------------------------------------------------------------------
 # one study through both stages
+
+
+def series_dir(data_dir, split, study_id, series_id):
+    return os.path.join(data_dir, f"{split}_images", str(study_id), str(series_id))
 
 
 def load_study(data_dir, split, study_id, series_of_type, cache_dir):
@@ -61,82 +78,102 @@ def load_study(data_dir, split, study_id, series_of_type, cache_dir):
         if not listed:
             problems.append(f"no {series_type} series listed")
         for series_id in listed:
-            series_dir = os.path.join(data_dir, f"{split}_images", str(study_id), str(series_id))
+            folder = series_dir(data_dir, split, study_id, series_id)
             try:
-                study[series_id] = data.StudySeries(series_type, series_id, data.load_series(series_dir, cache_dir))
+                series = data.load_series(folder, cache_dir)
             except data.DecoderMissing:
                 raise
-            except (OSError, ValueError) as error:  # a listed folder that is absent, empty or unreadable
-                problems.append(f"{series_type} series {series_dir} unreadable ({error})")
+            except (OSError, ValueError) as error:  # a listed folder absent, empty or unreadable
+                problems.append(f"{series_type} series {folder} unreadable ({error})")
+                continue
+            study[series_id] = data.StudySeries(series_type, series_id, series)
     return study, problems
 
 
 def warn_unlisted(data_dir, split, descriptions):
-    """Series folders on disk that the series CSV does not list are not graded: say so, naming them."""
-    listed = {(s, t) for s, types in descriptions.items() for ids in types.values() for t in ids}
+    """Series folders on disk that the series CSV does not list are not graded: say so, naming
+    them."""
+    listed = set()
+    for study_id, types in descriptions.items():
+        for ids in types.values():
+            listed |= {(study_id, series_id) for series_id in ids}
     images = os.path.join(data_dir, f"{split}_images")
-    on_disk = {(int(s), int(t)) for s in os.listdir(images) if s.isdigit() and os.path.isdir(os.path.join(images, s))
-               for t in os.listdir(os.path.join(images, s)) if t.isdigit()} if os.path.isdir(images) else set()
+    on_disk = set()
+    if os.path.isdir(images):
+        for study in os.listdir(images):
+            if study.isdigit() and os.path.isdir(os.path.join(images, study)):
+                for series in os.listdir(os.path.join(images, study)):
+                    if series.isdigit():
+                        on_disk.add((int(study), int(series)))
     unlisted = sorted(on_disk - listed)
     if unlisted:
-        warnings.warn(f"{images}: {len(unlisted)} series folders not in {split}_series_descriptions.csv are ignored, "
-                      f"e.g. {', '.join(f'{s}/{t}' for s, t in unlisted[:5])}")
+        examples = ", ".join(f"{s}/{t}" for s, t in unlisted[:5])
+        warnings.warn(f"{images}: {len(unlisted)} series folders not in "
+                      f"{split}_series_descriptions.csv are ignored, e.g. {examples}")
     return unlisted
 
 
 def landmark_rows(study_id, study, landmarks):
-    """Rows of landmarks_<split>.csv (the train_label_coordinates.csv schema, original pixels) for one study."""
+    """Rows of landmarks_<split>.csv (the train_label_coordinates.csv schema, original pixels) for
+    one study."""
     rows = []
     for (condition, level), landmark in landmarks.items():
-        instance, x, y = data.volume_to_label(study[landmark.series_id].series, landmark.slice, landmark.col, landmark.row)
+        series = study[landmark.series_id].series
+        instance, x, y = data.volume_to_label(series, landmark.slice, landmark.col, landmark.row)
+        condition_name = data.CONDITION_NAMES[data.CONDITIONS.index(condition)]
+        level_name = data.LEVEL_NAMES[data.LEVELS.index(level)]
         rows.append(dict(study_id=study_id, series_id=landmark.series_id, instance_number=instance,
-                         condition=data.CONDITION_NAMES[data.CONDITIONS.index(condition)],
-                         level=data.LEVEL_NAMES[data.LEVELS.index(level)], x=x, y=y))
+                         condition=condition_name, level=level_name, x=x, y=y))
     return rows
 
 
-def true_landmarks(study, coordinates):
-    """({(condition, level): Landmark}, notes) from the labelled points of a study (coordinates: its label rows)."""
-    found, notes = {}, []
-    for row in coordinates.itertuples(index=False):
-        if row.series_id not in study:
-            notes.append(f"labelled series {row.series_id} not loaded")
-            continue
-        loaded = study[row.series_id]
-        d, col, row_px = data.label_to_volume(loaded.series, row.instance_number, row.x, row.y)
-        found[(row.condition, row.level)] = data.Landmark(loaded.series_type, row.series_id, d, col, row_px, 1.0)
-    return found, notes
-
-
 def truth_coordinates(args):
-    """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside a test split)."""
-    path = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
+    """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside
+    a test split)."""
+    name = "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv"
+    path = os.path.join(args.data_dir, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: --true-landmarks needs the split's labelled points")
     return tables.read_coordinates(path)
 
 
+def true_landmarks(study, study_id, coordinates):
+    """{(condition, level): Landmark} of a study's labelled points (coordinates: its rows of the
+    coordinates table), through the same data.labelled_landmarks that training uses."""
+    points = {}
+    for row in coordinates.itertuples(index=False):
+        point = tables.LabelPoint(row.series_id, row.instance_number, row.x, row.y)
+        points[(row.condition, row.level)] = point
+    return data.labelled_landmarks(study, points, f"study {study_id}")
+
+
 def predict_split(args, study_ids, landmark_models, severity_models, prior, device):
-    """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback columns})."""
-    descriptions = tables.series_by_study(tables.read_series_descriptions(
-        os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")))
+    """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback
+    columns})."""
+    path = os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")
+    descriptions = tables.series_by_study(tables.read_series_descriptions(path))
     warn_unlisted(args.data_dir, args.split, descriptions)
     truth = truth_coordinates(args) if args.true_landmarks else None
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     rows, fallbacks = [], {}
     for i, study_id in enumerate(study_ids):
-        study, problems = load_study(args.data_dir, args.split, study_id, descriptions.get(study_id, {}), args.cache_dir)
+        series_of_type = descriptions.get(study_id, {})
+        study, problems = load_study(args.data_dir, args.split, study_id, series_of_type,
+                                     args.cache_dir)
         if truth is not None:
-            landmarks, notes = true_landmarks(study, truth[truth["study_id"] == study_id])
+            landmarks = true_landmarks(study, study_id, truth[truth["study_id"] == study_id])
+            notes = []
         else:
             landmarks, notes = predict_landmarks(landmark_models, study, device)
-        graded, available = grade_study(severity_models, study, landmarks, device, args.tta_shift_mm)
+        graded, available = grade_study(severity_models, study, landmarks, device,
+                                        args.tta_shift_mm)
         probabilities[i, available] = graded[available]
         missing = [c for c, ok in zip(data.LABEL_COLUMNS, available.tolist()) if not ok]
         if missing:
             fallbacks[study_id] = missing
-            warnings.warn(f"study {study_id}: {len(missing)} rows fall back to the training prior ({', '.join(missing)}); "
-                          f"{'; '.join(problems + notes) or 'no landmark found'}")
+            why = "; ".join(problems + notes) or "no landmark found"
+            warnings.warn(f"study {study_id}: {len(missing)} rows fall back to the training prior "
+                          f"({', '.join(missing)}); {why}")
         rows += landmark_rows(study_id, study, landmarks)
     return probabilities, rows, fallbacks
 
@@ -157,69 +194,91 @@ def truth_for(data_dir, split, study_ids):
 
 def report_scores(solution, submission, prior, study_ids, tag=""):
     """Print the score and each metric term beside the weighted-prior baseline; return both."""
-    baseline = losses.probabilities_to_submission(study_ids, np.broadcast_to(prior, (len(study_ids),) + prior.shape))
-    ours, base = losses.condition_group_losses(solution, submission), losses.condition_group_losses(solution, baseline)
-    score, base_score = losses.mean_of_terms(ours), losses.mean_of_terms(base)
-    print(f"{tag}score {score:.4f}  (weighted-prior baseline {base_score:.4f}, ratio {score / base_score:.3f})")
+    prior_rows = np.broadcast_to(prior, (len(study_ids),) + prior.shape)
+    baseline = losses.probabilities_to_submission(study_ids, prior_rows)
+    ours = losses.condition_group_losses(solution, submission)
+    base = losses.condition_group_losses(solution, baseline)
+    score = losses.mean_of_terms(ours)
+    base_score = losses.mean_of_terms(base)
+    print(f"{tag}score {score:.4f}  (weighted-prior baseline {base_score:.4f}, "
+          f"ratio {score / base_score:.3f})")
     for name in ours:
         print(f"  {name:18s} {ours[name]:.4f}  (prior {base[name]:.4f})")
     return score, base_score
 
 
 def landmark_error(row, guess, true_series, guess_series):
-    """(mm in the true slice's plane, slice error) of a guessed label row against the true one, through patient
-    space, so a guess on another series of the type (a study with two axial series) is measured too: its slice
-    error is that of the true series' slice nearest to the guess."""
+    """(mm in the true slice's plane, slice error) of a guessed label row against the true one.
+
+    Measured through patient space, so a guess on another series of the type (a study with two
+    axial series) is measured too: its slice error is that of the true series' slice nearest to
+    the guess.
+    """
     true_d, *true_px = data.label_to_volume(true_series, row.instance_number, row.x, row.y)
     guess_d, *guess_px = data.label_to_volume(guess_series, guess.instance_number, guess.x, guess.y)
     guess_mm = data.series_pixel_to_patient(guess_series, guess_d, *guess_px)
-    offset = guess_mm - data.series_pixel_to_patient(true_series, true_d, *true_px)
+    offset_mm = guess_mm - data.series_pixel_to_patient(true_series, true_d, *true_px)
     normal = data.slice_normals(true_series.orientations[true_d])
-    nearest = guess_d if guess_series is true_series else data.series_patient_to_pixel(true_series, guess_mm)[0]
-    return float(np.linalg.norm(offset - (offset @ normal) * normal)), abs(nearest - true_d)
+    in_plane_mm = offset_mm - (offset_mm @ normal) * normal
+    if guess_series is true_series:
+        nearest = guess_d
+    else:
+        nearest = data.series_patient_to_pixel(true_series, guess_mm)[0]
+    return float(np.linalg.norm(in_plane_mm)), abs(nearest - true_d)
 
 
 def landmark_errors(predicted, truth, data_dir, split, cache_dir):
-    """Per series type: median and 90th-percentile in-plane error (mm) and slice accuracy of predicted landmarks.
+    """Per series type: median and 90th-percentile in-plane error (mm) and slice accuracy of
+    predicted landmarks.
 
-    predicted, truth: frames in the train_label_coordinates.csv schema (snake_case condition/level). A true
-    point with no prediction counts as a miss (infinite error).
+    predicted, truth: frames in the train_label_coordinates.csv schema (snake_case condition and
+    level). A true point with no prediction counts as a miss (infinite error).
     """
     guesses = {(r.study_id, r.condition, r.level): r for r in predicted.itertuples(index=False)}
-    errors = {s: ([], []) for s in data.SERIES_TYPES}
-    series_dir = lambda study_id, series_id: os.path.join(data_dir, f"{split}_images", str(study_id), str(series_id))  # noqa: E731
+    errors = {series_type: ([], []) for series_type in data.SERIES_TYPES}
     for row in truth.itertuples(index=False):
         mm, slices = errors[data.SERIES_OF_CONDITION[row.condition]]
         guess = guesses.get((row.study_id, row.condition, row.level))
         if guess is None:
-            mm.append(np.inf), slices.append(np.inf)
+            mm.append(np.inf)
+            slices.append(np.inf)
             continue
-        true_series = data.load_series(series_dir(row.study_id, row.series_id), cache_dir)
-        guess_series = true_series if guess.series_id == row.series_id else data.load_series(
-            series_dir(row.study_id, guess.series_id), cache_dir)
+        folder = series_dir(data_dir, split, row.study_id, row.series_id)
+        true_series = data.load_series(folder, cache_dir)
+        guess_series = true_series
+        if guess.series_id != row.series_id:
+            folder = series_dir(data_dir, split, row.study_id, guess.series_id)
+            guess_series = data.load_series(folder, cache_dir)
         error_mm, error_slices = landmark_error(row, guess, true_series, guess_series)
-        mm.append(error_mm), slices.append(error_slices)
+        mm.append(error_mm)
+        slices.append(error_slices)
     return {s: losses.summarise_errors(mm, slices) for s, (mm, slices) in errors.items() if mm}
 
 
 def print_landmark_errors(errors):
     print("landmarks      median_mm  p90_mm  slice_exact  slice_within1")
     for series_type, e in errors.items():
-        print(f"{series_type:16s} {e['median_mm']:7.2f} {e['p90_mm']:7.2f} {e['slice_exact']:10.3f} {e['slice_within1']:12.3f}")
+        print(f"{series_type:16s} {e['median_mm']:7.2f} {e['p90_mm']:7.2f} "
+              f"{e['slice_exact']:10.3f} {e['slice_within1']:12.3f}")
 
 
 def report_truth(args, study_ids, submission, prior):
-    """Landmark errors and the score against the truth, where the split has it; the score and baseline, or None."""
-    truth_points = os.path.join(args.data_dir, "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv")
+    """Landmark errors and the score against the truth, where the split has it; the score and
+    baseline, or None."""
+    name = "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv"
+    truth_points = os.path.join(args.data_dir, name)
     if os.path.exists(truth_points):
-        predicted = tables.read_coordinates(os.path.join(args.out_dir, f"landmarks_{args.split}.csv"))
+        predicted_path = os.path.join(args.out_dir, f"landmarks_{args.split}.csv")
+        predicted = tables.read_coordinates(predicted_path)
         truth = tables.read_coordinates(truth_points)
-        print_landmark_errors(landmark_errors(predicted, truth[truth["study_id"].isin(study_ids)], args.data_dir, args.split,
-                                              args.cache_dir))
+        truth = truth[truth["study_id"].isin(study_ids)]
+        errors = landmark_errors(predicted, truth, args.data_dir, args.split, args.cache_dir)
+        print_landmark_errors(errors)
     solution = truth_for(args.data_dir, args.split, study_ids)
     if solution is None:
         return None
-    return report_scores(solution, submission, prior, solution["study_id"].astype(np.int64).tolist())
+    scored_ids = solution["study_id"].astype(np.int64).tolist()
+    return report_scores(solution, submission, prior, scored_ids)
 
 
 def main(argv=None):
@@ -228,20 +287,32 @@ def main(argv=None):
     os.makedirs(args.out_dir, exist_ok=True)
     training.save_args(args.out_dir, "infer", args)
     started = time.time()
-    descriptions = tables.read_series_descriptions(os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv"))
-    study_ids = [int(s) for s in args.studies.split(",")] if args.studies else sorted(descriptions["study_id"].unique().tolist())
+    path = os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")
+    descriptions = tables.read_series_descriptions(path)
+    if args.studies:
+        study_ids = [int(s) for s in args.studies.split(",")]
+    else:
+        study_ids = sorted(descriptions["study_id"].unique().tolist())
     landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
-    paths = args.severity_checkpoints.split(",") if args.severity_checkpoints else [os.path.join(args.out_dir, "severity_best.pt")]
+    if args.severity_checkpoints:
+        paths = args.severity_checkpoints.split(",")
+    else:
+        paths = [os.path.join(args.out_dir, "severity_best.pt")]
     severity_models, prior = load_severity_models(paths, device)
-    probabilities, rows, fallbacks = predict_split(args, study_ids, landmark_models, severity_models, prior, device)
+    probabilities, rows, fallbacks = predict_split(args, study_ids, landmark_models,
+                                                   severity_models, prior, device)
     submission = losses.probabilities_to_submission(study_ids, losses.finalise(probabilities))
-    submission.to_csv(os.path.join(args.out_dir, "submission.csv"), index=False)
-    pd.DataFrame(rows, columns=["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]).to_csv(
-        os.path.join(args.out_dir, f"landmarks_{args.split}.csv"), index=False)
-    elapsed = time.time() - started
-    print(f"wrote {len(submission)} rows for {len(study_ids)} studies to {os.path.join(args.out_dir, 'submission.csv')} "
-          f"({elapsed / max(len(study_ids), 1):.2f} s/study); {len(fallbacks)} studies with fallback rows")
-    return report_truth(args, study_ids, submission, prior) if args.score else None
+    submission_path = os.path.join(args.out_dir, "submission.csv")
+    submission.to_csv(submission_path, index=False)
+    columns = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]
+    landmarks_path = os.path.join(args.out_dir, f"landmarks_{args.split}.csv")
+    pd.DataFrame(rows, columns=columns).to_csv(landmarks_path, index=False)
+    seconds_per_study = (time.time() - started) / max(len(study_ids), 1)
+    print(f"wrote {len(submission)} rows for {len(study_ids)} studies to {submission_path} "
+          f"({seconds_per_study:.2f} s/study); {len(fallbacks)} studies with fallback rows")
+    if not args.score:
+        return None
+    return report_truth(args, study_ids, submission, prior)
 
 
 if __name__ == "__main__":

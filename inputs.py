@@ -1,13 +1,19 @@
-"""Network inputs: the one place that turns a series into what a network reads, for training and prediction alike.
+"""Network inputs: the one place that turns a series into what a network reads, for training and
+prediction alike.
 
-    image = sagittal_slices(series, 96)              # (D, 96, 96) normalised slices at the network's size
-    x = sagittal_input(image, series)                # (D, 2, 96, 96): + each slice's offset across the stack
+    # (D, 96, 96) normalised slices at the network's size
+    image = sagittal_slices(series, 96)
+    # (D, 2, 96, 96): + each slice's offset across the stack
+    x = sagittal_input(image, series)
     x = axial_input(axial_image(series, d, 96), column_direction(series, d))   # (1, 2, 96, 96)
-    crops, groups, columns = study_crops(study, landmarks, settings)   # (A, S, C, C): rows with a landmark
+    # (A, S, C, C): rows with a landmark
+    crops, groups, columns = study_crops(study, landmarks, settings)
 
-Training augments the image between the two calls (random_affine, random_intensity, mirror_axial), so the
-extra channel always describes the image the network sees. Augmentations move their points with the image.
+Training augments the image between the two calls (random_affine, random_intensity, mirror_axial),
+so the extra channel always describes the image the network sees. Augmentations move their points
+with the image.
 """
+
 import math
 
 import numpy as np
@@ -23,23 +29,27 @@ OFFSET_SCALE_MM = 50.0  # the sagittal offset channel is mm / 50: about -1..1 ac
 
 
 def normalise(volume, intensity_range=None):
-    """Robust intensity scaling to about [0, 1]: intensity_range (low, high) maps to (0, 1), clipped to [0, 1.5].
+    """Robust intensity scaling to about [0, 1]: intensity_range (low, high) maps to (0, 1), clipped
+    to [0, 1.5].
 
     Without intensity_range, the volume's own 1st and 99.5th percentile are used.
     """
     low, high = np.percentile(volume, [1.0, 99.5]) if intensity_range is None else intensity_range
-    return np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5).astype(np.float32)
+    return np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5).astype(
+        np.float32
+    )
 
 
 def resize_slices(volume, size):
     """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with data.to_resized().
 
-    Shrinking averages over each output pixel's footprint (antialias): a 512 px frame read at 96 px would
-    otherwise keep one pixel in five and alias the noise and fine detail into the input.
+    Shrinking averages over each output pixel's footprint (antialias): a 512 px frame read at 96 px
+    would otherwise keep one pixel in five and alias the noise and fine detail into the input.
     """
     tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
     shrinking = size < max(tensor.shape[-2:])
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=shrinking)[:, 0]
+    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=shrinking)[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -60,37 +70,48 @@ def slice_offsets(series):
 
 
 def sagittal_slices(series, size):
-    """(D, size, size) every slice of a sagittal series, normalised over the whole series, resized."""
+    """(D, size, size) every slice of a sagittal series, normalised over the whole series,
+    resized."""
     return resize_slices(normalise(series.volume, series.intensity_range), size)
 
 
 def sagittal_input(image, series):
-    """(D, S, S) slices -> (D, 2, S, S): channel 1 is the slice's offset across the stack (mm / 50), constant over
-    the slice, so the network can tell the patient's left parasagittal slices from the right ones."""
-    offsets = torch.from_numpy(slice_offsets(series) / OFFSET_SCALE_MM)[:, None, None].expand_as(image)
+    """(D, S, S) slices -> (D, 2, S, S): channel 1 is the slice's offset across the stack (mm / 50),
+    constant over the slice, so the network can tell the patient's left parasagittal slices from the
+    right ones.
+    """
+    offsets = torch.from_numpy(slice_offsets(series) / OFFSET_SCALE_MM)[:, None, None].expand_as(
+        image
+    )
     return torch.stack([image, offsets], dim=1)
 
 
 def column_direction(series, slice_index):
-    """+1 where image columns run toward the patient's left (the DICOM display convention), else -1."""
+    """+1 where image columns run toward the patient's left (the DICOM display convention), else
+    -1."""
     return 1.0 if series.orientations[slice_index, 0] >= 0 else -1.0
 
 
 def axial_image(series, slice_index, size):
-    """(1, size, size) one axial slice, normalised over the whole series, resized; the other slices are not read."""
-    return resize_slices(normalise(series.volume[slice_index:slice_index + 1], series.intensity_range), size)
+    """(1, size, size) one axial slice, normalised over the whole series, resized; the other slices
+    are not read."""
+    return resize_slices(
+        normalise(series.volume[slice_index : slice_index + 1], series.intensity_range), size
+    )
 
 
 def axial_input(image, direction):
-    """(1, S, S) slice -> (1, 2, S, S): channel 1 says which way columns run toward the patient's left (+1 / -1),
-    so a mirrored image (augmentation, or a series stored the other way round) still shows which side is which."""
+    """(1, S, S) slice -> (1, 2, S, S): channel 1 says which way columns run toward the patient's
+    left (+1 / -1), so a mirrored image (augmentation, or a series stored the other way round) still
+    shows which side is which.
+    """
     return torch.stack([image, torch.full_like(image, direction)], dim=1)
 
 
 def mirror_axial(image, targets, direction):
-    """Mirror an axial image (1, S, S) across its columns. Points (K, 3) [slice, col, row] move with the image
-    and keep their side: the patient's left recess is still the left one, it now lies on the other half of
-    the image, and the direction channel flips to say so."""
+    """Mirror an axial image (1, S, S) across its columns. Points (K, 3) [slice, col, row] move with
+    the image and keep their side: the patient's left recess is still the left one, it now lies on
+    the other half of the image, and the direction channel flips to say so."""
     mirrored = targets.copy()
     mirrored[:, 1] = image.shape[-1] - 1 - targets[:, 1]
     return image.flip(-1), mirrored, -direction
@@ -100,38 +121,43 @@ def mirror_axial(image, targets, direction):
 # 2.5D crops for the severity network
 
 
-def crop_2p5d(series, slice_index, col, row, size_mm, out_px, n_slices, reverse=False, flip_columns=False, degrees=0.0):
-    """Square crops of size_mm around (col, row) on slice_index and its neighbours -> (n_slices, out_px, out_px).
+def crop_2p5d(series, point_px, size_mm, out_px, n_slices, degrees=0.0):
+    """Square crops of size_mm around a point (slice, col, row) in the series' volume pixels, on its
+    slice and its neighbours -> (n_slices, out_px, out_px).
 
-    (col, row) in the series' volume pixels. Neighbours are clamped at the ends of the slice's own stack, so a
-    crop never mixes two tilted per-disc stacks. Each slice is sampled with its own pixel spacing, so the crop
-    covers the same millimetres whatever the resolution. Intensities are normalised over the whole series.
-    reverse flips the slice order and flip_columns the columns (mirroring a right-side structure onto the left);
-    degrees turns the crop about its centre (augmentation).
+    Neighbours are clamped at the ends of the slice's own stack, so a crop never mixes two tilted
+    per-disc stacks. Each slice is sampled with its own pixel spacing, so the crop covers the same
+    millimetres whatever the resolution. Intensities are normalised over the whole series. degrees
+    turns the crop about its centre (augmentation).
     """
+    slice_index, col, row = point_px
     depth, height, width = series.volume.shape
     centre = int(np.clip(round(float(slice_index)), 0, depth - 1))
     first, last = data.stack_bounds(series, centre)
     picks = np.clip(np.arange(centre - n_slices // 2, centre + n_slices // 2 + 1), first, last)
-    if reverse:
-        picks = picks[::-1].copy()
     spacing = series.pixel_spacing[picks]  # (S, 2) [row, col] mm
-    steps = (np.arange(out_px) + 0.5) / out_px - 0.5  # (out_px,) fractions of the crop, pixel centres
-    across, down = np.meshgrid(steps * size_mm, steps * size_mm)  # (out_px, out_px) mm right of and below the centre
+    # (out_px,) fractions of the crop: pixel centres
+    steps = (np.arange(out_px) + 0.5) / out_px - 0.5
+    across, down = np.meshgrid(steps * size_mm, steps * size_mm)  # mm right of and below the centre
     turn = np.radians(degrees)
-    right, below = np.cos(turn) * across - np.sin(turn) * down, np.sin(turn) * across + np.cos(turn) * down
-    cols = col + right[None] / spacing[:, 1, None, None]  # (S, out_px, out_px) volume columns
-    rows = row + below[None] / spacing[:, 0, None, None]
-    grid = torch.as_tensor(np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1), dtype=torch.float32)
+    right_mm = np.cos(turn) * across - np.sin(turn) * down
+    below_mm = np.sin(turn) * across + np.cos(turn) * down
+    cols = col + right_mm[None] / spacing[:, 1, None, None]  # (S, out_px, out_px) volume columns
+    rows = row + below_mm[None] / spacing[:, 0, None, None]
+    grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
     images = torch.as_tensor(normalise(series.volume[picks], series.intensity_range))[:, None]
-    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-    return crops.flip(-1) if flip_columns else crops
+    grid = torch.as_tensor(grid, dtype=torch.float32)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
+        :, 0
+    ]
 
 
 def mirror_flags(series, slice_index, condition):
-    """(reverse slices, flip columns) that put a structure into the canonical view every crop shares: axial
-    columns run away from the midline, sagittal slices run toward it. Left structures lie at patient +x, right
-    ones at -x; which way the series' columns and slice normal run in patient x is read from its orientation."""
+    """(reverse slices, flip columns) that put a structure into the canonical view every crop
+    shares: axial columns run away from the midline, sagittal slices run toward it. Left structures
+    lie at patient +x, right ones at -x; which way the series' columns and slice normal run in
+    patient x is read from its orientation.
+    """
     if not condition.startswith(("left", "right")):
         return False, False
     lateral = 1.0 if condition.startswith("left") else -1.0  # patient x of 'away from the midline'
@@ -143,15 +169,18 @@ def mirror_flags(series, slice_index, condition):
 
 
 def study_crops(study, landmarks, settings, degrees=None):
-    """Crops (A, S, C, C) of the A rows that have a landmark, their condition groups (A,) and their columns (A,):
-    indices into LABEL_COLUMNS, in that order. A row without a landmark gets no crop at all.
+    """Crops (A, S, C, C) of the A rows that have a landmark, their condition groups (A,) and their
+    columns (A,): indices into LABEL_COLUMNS, in that order. A row without a landmark gets no crop
+    at all.
 
-    No zero image stands in for a missing row: training, the BatchNorm recomputation and grading forward the same
-    kind of input, so the batch statistics BatchNorm learns from are those it grades with (on a set where most rows
-    have no landmark, zero images were most of every training batch and eval mode graded something else).
-    study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings: the severity
-    checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}. Right-side crops are
-    mirrored onto the left (mirror_flags), so one head serves both sides. degrees (25,): turn each crop (training).
+    No zero image stands in for a missing row: training, the BatchNorm recomputation and grading
+    forward the same kind of input, so the batch statistics BatchNorm learns from are those it
+    grades with (on a set where most rows have no landmark, zero images were most of every training
+    batch and eval mode graded something else).
+    study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings:
+    the severity checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}.
+    Right-side crops are mirrored onto the left (mirror_flags), so one head serves both sides.
+    degrees (25,): turn each crop (training).
     """
     crops, columns = [], []
     for j, (condition, level) in enumerate(data.COLUMN_POINTS):
@@ -162,8 +191,13 @@ def study_crops(study, landmarks, settings, degrees=None):
         reverse, flip_columns = mirror_flags(series, landmark.slice, condition)
         size_mm = settings["crop_mm"][data.GROUP_OF_CONDITION[condition]]
         turn = 0.0 if degrees is None else degrees[j]
-        crops.append(crop_2p5d(series, landmark.slice, landmark.col, landmark.row, size_mm, settings["crop_px"],
-                               settings["n_slices"], reverse, flip_columns, turn))
+        point_px = landmark.slice, landmark.col, landmark.row
+        crop = crop_2p5d(series, point_px, size_mm, settings["crop_px"], settings["n_slices"], turn)
+        if reverse:  # slices toward the midline
+            crop = crop.flip(0)
+        if flip_columns:  # columns away from the midline
+            crop = crop.flip(-1)
+        crops.append(crop)
         columns.append(j)
     columns = torch.tensor(columns, dtype=torch.long)
     groups = torch.tensor([data.GROUP_OF_CONDITION[c] for c, _ in data.COLUMN_POINTS])[columns]
@@ -178,17 +212,25 @@ def study_crops(study, landmarks, settings, degrees=None):
 
 
 def random_affine(volume, points, max_scale=0.12, max_shift=0.08, max_degrees=8.0):
-    """The same random scale/shift/rotation for all slices (D, S, S); points (K, 2) [col, row] follow."""
+    """The same random scale/shift/rotation for all slices (D, S, S); points (K, 2) [col, row]
+    follow."""
     size = volume.shape[-1]
     scale = math.exp(np.random.uniform(-max_scale, max_scale))
     angle = math.radians(np.random.uniform(-max_degrees, max_degrees))
     shift = np.random.uniform(-max_shift, max_shift, size=2) * 2  # in normalised [-1, 1] units
     # theta maps output normalised coords to input normalised coords: in = R/scale @ out + shift
-    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
-    theta = torch.tensor(np.concatenate([rotation, shift[:, None]], axis=1), dtype=torch.float32)[None]
-    grid = F.affine_grid(theta.expand(len(volume), 2, 3), (len(volume), 1, size, size), align_corners=False)
-    warped = F.grid_sample(volume[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-    normalised = (2 * points + 1) / size - 1  # pixel centres -> [-1, 1], align_corners=False convention
+    rotation = (
+        np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
+    )
+    theta = torch.tensor(np.concatenate([rotation, shift[:, None]], axis=1), dtype=torch.float32)[
+        None
+    ]
+    grid = F.affine_grid(theta.expand(len(volume), 2, 3), (len(volume), 1, size, size),
+                         align_corners=False)
+    warped = F.grid_sample(volume[:, None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[:, 0]
+    # pixel centres -> [-1, 1], align_corners=False convention
+    normalised = (2 * points + 1) / size - 1
     moved = (normalised - shift) @ np.linalg.inv(rotation).T
     return warped, ((moved + 1) * size - 1) / 2
 
@@ -202,16 +244,20 @@ def random_intensity(volume):
 def jitter_slice(series, slice_index, max_slices):
     """slice_index moved by up to max_slices, inside its own stack."""
     first, last = data.stack_bounds(series, slice_index)
-    return int(np.clip(int(slice_index) + np.random.randint(-max_slices, max_slices + 1), first, last))
+    return int(
+        np.clip(int(slice_index) + np.random.randint(-max_slices, max_slices + 1), first, last)
+    )
 
 
 def jitter_landmarks(study, landmarks, max_mm, max_slices):
-    """Every landmark moved by up to max_mm in-plane and max_slices through-plane (stage-1 errors), in its stack."""
+    """Every landmark moved by up to max_mm in-plane and max_slices through-plane (stage-1 errors),
+    in its stack."""
     moved = {}
     for name, landmark in landmarks.items():
         series = study[landmark.series_id].series
         spacing = series.pixel_spacing[int(landmark.slice)]
         d = jitter_slice(series, landmark.slice, max_slices)
         dx, dy = np.random.uniform(-max_mm, max_mm, size=2)
-        moved[name] = landmark._replace(slice=d, col=landmark.col + dx / spacing[1], row=landmark.row + dy / spacing[0])
+        moved[name] = landmark._replace(slice=d, col=landmark.col + dx / spacing[1],
+                                        row=landmark.row + dy / spacing[0])
     return moved

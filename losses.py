@@ -9,14 +9,17 @@ import torch
 import torch.nn.functional as F
 
 import data
-from data import GROUP_CONDITIONS, LABEL_COLUMNS, MISSING, N_LABELS, N_SEVERITIES, SEVERITIES, SEVERITY_WEIGHTS, SUBMISSION_COLUMNS
+from data import (GROUP_CONDITIONS, LABEL_COLUMNS, MISSING, N_LABELS, N_SEVERITIES, SEVERITIES,
+                  SEVERITY_WEIGHTS, SUBMISSION_COLUMNS)
 
 EPS = np.finfo(np.float64).eps  # the host clips probabilities to [eps, 1 - eps]
-PROBABILITY_FLOOR = 1e-4  # our submitted probabilities stay inside [floor, 1 - floor]: one confident miss costs <= 9.2
+# our submitted probabilities stay inside [floor, 1 - floor]: one confident miss costs <= 9.2
+PROBABILITY_FLOOR = 1e-4
 
 
 def _weighted_log_loss(true_index, probabilities, weights):
-    """sum_i w_i * -log p_i[true_i] / sum_i w_i; rows already normalised and clipped by _aligned(). NaN for no rows."""
+    """sum_i w_i * -log p_i[true_i] / sum_i w_i; rows already normalised and clipped by _aligned().
+    NaN for no rows."""
     if len(true_index) == 0:
         return float("nan")
     picked = probabilities[np.arange(len(true_index)), true_index]
@@ -24,7 +27,8 @@ def _weighted_log_loss(true_index, probabilities, weights):
 
 
 def _solution_long(solution):
-    """train.csv-shaped frame -> long frame (row_id, study_id, condition, level, target), empty cells dropped."""
+    """train.csv-shaped frame -> long frame (row_id, study_id, condition, level, target), empty
+    cells dropped."""
     codes = {s: i for i, s in enumerate(SEVERITIES)}
     rows = []
     for column in LABEL_COLUMNS:
@@ -33,7 +37,10 @@ def _solution_long(solution):
             if isinstance(value, str) and value.strip():
                 if value.strip() not in codes:
                     raise ValueError(f"solution: unknown severity {value!r} in column {column}")
-                rows.append((f"{int(study_id)}_{column}", int(study_id), condition, level, codes[value.strip()]))
+                rows.append(
+                    (f"{int(study_id)}_{column}", int(study_id), condition, level,
+                     codes[value.strip()])
+                )
     return pd.DataFrame(rows, columns=["row_id", "study_id", "condition", "level", "target"])
 
 
@@ -42,7 +49,10 @@ def _check_submission(submission, needed_row_ids):
     if absent:
         raise ValueError(f"submission: missing columns {absent}")
     if submission["row_id"].duplicated().any():
-        raise ValueError(f"submission: duplicated row_id {submission['row_id'][submission['row_id'].duplicated()].iloc[0]}")
+        raise ValueError(
+            "submission: duplicated row_id "
+            f"{submission['row_id'][submission['row_id'].duplicated()].iloc[0]}"
+        )
     missing = sorted(set(needed_row_ids) - set(submission["row_id"]))
     if missing:
         raise ValueError(f"submission: {len(missing)} rows missing, e.g. {missing[:3]}")
@@ -56,18 +66,23 @@ def _check_submission(submission, needed_row_ids):
 
 
 def _aligned(solution, submission):
-    """Scored rows of the solution with their submitted probabilities (clipped, normalised) and metric weights."""
+    """Scored rows of the solution with their submitted probabilities (clipped, normalised) and
+    metric weights."""
     truth = _solution_long(solution)
     _check_submission(submission, truth["row_id"])
-    predicted = submission.set_index("row_id").loc[truth["row_id"], SUBMISSION_COLUMNS].to_numpy(np.float64)
-    predicted = predicted / predicted.sum(axis=1, keepdims=True)  # rows to sum 1 first, as the host does
+    predicted = (
+        submission.set_index("row_id").loc[truth["row_id"], SUBMISSION_COLUMNS].to_numpy(np.float64)
+    )
+    # rows to sum 1 first, as the host does
+    predicted = predicted / predicted.sum(axis=1, keepdims=True)
     predicted = np.clip(predicted, EPS, 1 - EPS)
     predicted = predicted / predicted.sum(axis=1, keepdims=True)
     return truth, predicted, np.asarray(SEVERITY_WEIGHTS)[truth["target"].to_numpy()]
 
 
 def condition_group_losses(solution, submission):
-    """{spinal, foraminal, subarticular, any_severe_spinal: loss}: the four terms the competition score averages.
+    """{spinal, foraminal, subarticular, any_severe_spinal: loss}: the four terms the competition
+    score averages.
     A term without a labelled row (a dataset that grades some conditions only) is NaN."""
     truth, predicted, weights = _aligned(solution, submission)
     targets = truth["target"].to_numpy()
@@ -75,56 +90,72 @@ def condition_group_losses(solution, submission):
     for name, conditions in GROUP_CONDITIONS.items():
         rows = truth["condition"].isin(conditions).to_numpy()
         out[name] = _weighted_log_loss(targets[rows], predicted[rows], weights[rows])
-    spinal = truth.assign(severe=predicted[:, 2], weight=weights)[truth["condition"] == "spinal_canal_stenosis"]
-    per_study = spinal.groupby("study_id").agg(severe=("severe", "max"), weight=("weight", "max"), target=("target", "max"))
+    spinal = truth.assign(severe=predicted[:, 2], weight=weights)[
+        truth["condition"] == "spinal_canal_stenosis"
+    ]
+    per_study = spinal.groupby("study_id").agg(severe=("severe", "max"), weight=("weight", "max"),
+                                               target=("target", "max"))
     binary = np.stack([1 - per_study["severe"], per_study["severe"]], axis=1)
     any_severe = (per_study["target"] == 2).astype(int).to_numpy()
-    out["any_severe_spinal"] = _weighted_log_loss(any_severe, binary, per_study["weight"].to_numpy())
+    out["any_severe_spinal"] = _weighted_log_loss(
+        any_severe, binary, per_study["weight"].to_numpy()
+    )
     return out
 
 
 def competition_score(solution, submission):
-    """The RSNA 2024 metric: mean of three weighted log losses (spinal, foraminal, subarticular) and any_severe_spinal.
+    """The RSNA 2024 metric: mean of three weighted log losses (spinal, foraminal, subarticular) and
+    any_severe_spinal.
 
-    solution: DataFrame like train.csv (study_id + 25 columns of severity strings, empty = not scored).
-    submission: DataFrame like sample_submission.csv. Rows are normalised to sum 1, clipped to [eps, 1 - eps] and
-    normalised again before use, as the host's log loss does; any_severe uses the max over levels of the normalised `severe`.
+    solution: DataFrame like train.csv (study_id + 25 columns of severity strings, empty = not
+    scored).
+    submission: DataFrame like sample_submission.csv. Rows are normalised to sum 1, clipped to
+    [eps, 1 - eps] and normalised again before use, as the host's log loss does; any_severe uses the
+    max over levels of the normalised `severe`.
     Raises ValueError on missing or duplicated rows, non-finite or negative values.
     """
     return mean_of_terms(condition_group_losses(solution, submission))
 
 
 def mean_of_terms(terms):
-    """The score from condition_group_losses' terms: their mean, leaving out terms with no labelled row (NaN)."""
+    """The score from condition_group_losses' terms: their mean, leaving out terms with no labelled
+    row (NaN)."""
     values = np.array(list(terms.values()), dtype=np.float64)
     return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 def labels_to_solution(study_ids, labels):
-    """(N,) study ids and (N, 25) class indices (MISSING = empty) -> a train.csv-shaped DataFrame."""
+    """(N,) study ids and (N, 25) class indices (MISSING = empty) -> a train.csv-shaped
+    DataFrame."""
     names = np.array(SEVERITIES + [""], dtype=object)
-    frame = pd.DataFrame(names[np.where(labels == MISSING, len(SEVERITIES), labels)], columns=LABEL_COLUMNS)
+    frame = pd.DataFrame(names[np.where(labels == MISSING, len(SEVERITIES), labels)],
+                         columns=LABEL_COLUMNS)
     frame.insert(0, "study_id", np.asarray(study_ids, np.int64))
     return frame
 
 
 def probabilities_to_submission(study_ids, probabilities):
-    """(N,) study ids and (N, 25, 3) probabilities -> a sample_submission.csv-shaped DataFrame, 25 rows a study."""
+    """(N,) study ids and (N, 25, 3) probabilities -> a sample_submission.csv-shaped DataFrame, 25
+    rows a study."""
     row_ids = [f"{int(s)}_{column}" for s in study_ids for column in LABEL_COLUMNS]
-    frame = pd.DataFrame(np.asarray(probabilities, np.float64).reshape(-1, N_SEVERITIES), columns=SUBMISSION_COLUMNS)
+    frame = pd.DataFrame(np.asarray(probabilities, np.float64).reshape(-1, N_SEVERITIES),
+                         columns=SUBMISSION_COLUMNS)
     frame.insert(0, "row_id", row_ids)
     return frame
 
 
 def finalise(probabilities, floor=PROBABILITY_FLOOR):
-    """Clip away from 0 and 1 and renormalise: a submitted row is never 0, 1, or non-finite (NaN rows -> 1/3 each)."""
+    """Clip away from 0 and 1 and renormalise: a submitted row is never 0, 1, or non-finite
+    (NaN rows -> 1/3 each)."""
     clipped = np.clip(np.nan_to_num(probabilities, nan=1 / 3), floor, 1 - floor)
     return clipped / clipped.sum(-1, keepdims=True)
 
 
 def weighted_prior(labels, smoothing=0.0):
-    """(25, 3) per-column class frequencies times the metric weights (1, 2, 4), renormalised: the usual baseline."""
-    counts = np.stack([(labels == k).sum(axis=0) for k in range(len(SEVERITIES))], axis=1).astype(np.float64) + smoothing
+    """(25, 3) per-column class frequencies times the metric weights (1, 2, 4), renormalised: the
+    usual baseline."""
+    counts = (np.stack([(labels == k).sum(axis=0) for k in range(len(SEVERITIES))], axis=1).astype(
+              np.float64 ) + smoothing)
     weighted = counts * np.asarray(SEVERITY_WEIGHTS)
     return weighted / weighted.sum(axis=1, keepdims=True)
 
@@ -134,30 +165,45 @@ def weighted_prior(labels, smoothing=0.0):
 
 
 def weighted_cross_entropy(logits, targets, label_smoothing=0.0):
-    """Cross entropy weighted (1, 2, 4) by the true class, as the metric is; targets == MISSING are masked out.
+    """Cross entropy weighted (1, 2, 4) by the true class, as the metric is; targets == MISSING are
+    masked out.
 
-    logits (N, 3), targets (N,) int64. Returns the weighted mean over labelled rows (0 with a graph if none).
-    label_smoothing keeps the model from betting everything on one class: one confident miss (p = 1e-4 on a
-    Severe row) costs 4 * 9.2 in the metric, more than a hundred well-graded rows earn.
+    logits (N, 3), targets (N,) int64. Returns the weighted mean over labelled rows (0 with a graph
+    if none).
+    label_smoothing keeps the model from betting everything on one class: one confident miss
+    (p = 1e-4 on a Severe row) costs 4 * 9.2 in the metric, more than a hundred well-graded rows
+    earn.
     """
     weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)
     labelled = targets != MISSING
     safe_targets = targets.clamp(min=0)
-    per_row = F.cross_entropy(logits.float(), safe_targets, reduction="none", label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(logits.float(), safe_targets, reduction="none",
+                              label_smoothing=label_smoothing)
     row_weights = weights[safe_targets] * labelled
     return (per_row * row_weights).sum() / row_weights.sum().clamp(min=1e-8)
 
 
 def any_severe_loss(logits, targets):
-    """The metric's any_severe_spinal term from per-study rows: logits (B * 25, 3), targets (B * 25,) in LABEL_COLUMNS
-    order. Weighted binary log loss of max over the spinal levels of p(severe) against 'any level Severe',
-    weight = the worst labelled row's weight."""
+    """The metric's any_severe_spinal term from per-study rows: logits (B * 25, 3), targets
+    (B * 25,) in LABEL_COLUMNS order. Weighted binary log loss of max over the spinal levels of
+    p(severe) against 'any level Severe', weight = the worst labelled row's weight."""
     spinal_logits = logits.view(-1, N_LABELS, N_SEVERITIES)[:, data.SPINAL_COLUMNS]  # (B, 5, 3)
     spinal_targets = targets.view(-1, N_LABELS)[:, data.SPINAL_COLUMNS]
-    labelled = spinal_targets != MISSING  # as in the metric, an unlabelled level takes no part in the max
-    severe = spinal_logits.float().softmax(-1)[..., 2].masked_fill(~labelled, 0.0).max(dim=1).values.clamp(EPS, 1 - EPS)
-    worst = torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
-    weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=severe.dtype, device=severe.device)[worst] * labelled.any(dim=1)
+    # as in the metric, an unlabelled level takes no part in the max
+    labelled = spinal_targets != MISSING
+    severe = (
+        spinal_logits.float()
+        .softmax(-1)[..., 2]
+        .masked_fill(~labelled, 0.0)
+        .max(dim=1)
+        .values.clamp(EPS, 1 - EPS)
+    )
+    worst = (
+        torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
+    )
+    weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=severe.dtype, device=severe.device)[
+        worst
+    ] * labelled.any(dim=1)
     target = (worst == 2).to(severe.dtype)
     loss = F.binary_cross_entropy(severe, target, reduction="none")
     return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
@@ -168,14 +214,17 @@ def any_severe_loss(logits, targets):
 
 
 def heatmap_targets(targets, depth_mask, heat_shape, sigma):
-    """Gaussian target distributions (B, K, D, h, w) summing to 1 per point; targets (B, K, 3) in heatmap pixels."""
+    """Gaussian target distributions (B, K, D, h, w) summing to 1 per point; targets (B, K, 3) in
+    heatmap pixels."""
     batch, n_points = targets.shape[:2]
     depth, height, width = heat_shape
     d = torch.arange(depth, dtype=torch.float32).view(1, 1, depth, 1, 1)
     y = torch.arange(height, dtype=torch.float32).view(1, 1, 1, height, 1)
     x = torch.arange(width, dtype=torch.float32).view(1, 1, 1, 1, width)
     cd, cx, cy = (targets[..., i].nan_to_num(0).view(batch, n_points, 1, 1, 1) for i in range(3))
-    logits = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2) - (d - cd) ** 2 / (2 * (0.6 * sigma) ** 2)
+    logits = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2) - (d - cd) ** 2 / (
+        2 * (0.6 * sigma) ** 2
+    )
     logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), -1e9)
     return logits.flatten(2).softmax(-1).view(batch, n_points, depth, height, width)
 
@@ -183,16 +232,23 @@ def heatmap_targets(targets, depth_mask, heat_shape, sigma):
 def to_heat_coords(targets, input_size, heat_hw):
     """[slice, col, row] in input pixels -> heatmap pixels (slice unchanged)."""
     out = targets.clone()
-    out[..., 1:] = torch.as_tensor(data.to_resized(targets[..., 1:].numpy(), (input_size, input_size), heat_hw), dtype=torch.float32)
+    out[..., 1:] = torch.as_tensor(
+        data.to_resized(targets[..., 1:].numpy(), (input_size, input_size), heat_hw),
+        dtype=torch.float32,
+    )
     return out
 
 
 def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
-    """KL(target || softmax over (D, h, w)) per labelled point, mean over points; 0 for a perfect fit."""
+    """KL(target || softmax over (D, h, w)) per labelled point, mean over points; 0 for a perfect
+    fit."""
     batch, n_points, depth, height, width = logits.shape
     heat_targets = to_heat_coords(targets, input_size, (height, width))
-    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma).to(logits.device)
-    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1), -1e4)
+    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma).to(
+        logits.device
+    )
+    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1),
+                                        -1e4)
     log_prob = masked.flatten(2).log_softmax(-1)
     flat_target = target.flatten(2)
     kl = (flat_target * (flat_target.clamp(min=1e-12).log() - log_prob)).sum(-1)  # (B, K)
@@ -201,11 +257,13 @@ def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
 
 
 def fit_temperatures(logits, labels, grid=np.exp(np.linspace(np.log(0.2), np.log(5.0), 65))):
-    """Per condition group, the temperature T (probabilities = softmax(logits / T)) that minimises the metric on
-    held-out rows: the group's weighted log loss, plus, for the spinal group, the any_severe_spinal term it drives.
+    """Per condition group, the temperature T (probabilities = softmax(logits / T)) that minimises
+    the metric on held-out rows: the group's weighted log loss, plus, for the spinal group, the
+    any_severe_spinal term it drives.
 
-    logits (N, 25, 3), labels (N, 25) with MISSING for empty cells. Returns [T_spinal, T_foraminal, T_subarticular]
-    (1.0 for a group with no labelled row). A grid search: three one-dimensional problems, no gradients.
+    logits (N, 25, 3), labels (N, 25) with MISSING for empty cells. Returns [T_spinal, T_foraminal,
+    T_subarticular] (1.0 for a group with no labelled row). A grid search: three one-dimensional
+    problems, no gradients.
     """
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
     out = []
@@ -214,14 +272,17 @@ def fit_temperatures(logits, labels, grid=np.exp(np.linspace(np.log(0.2), np.log
         if not (labels[:, columns] != MISSING).any():
             out.append(1.0)
             continue
-        costs = [_group_cost(logits[:, columns] / t, labels[:, columns], name == "spinal") for t in grid]
+        costs = [
+            _group_cost(logits[:, columns] / t, labels[:, columns], name == "spinal") for t in grid
+        ]
         out.append(float(grid[int(np.argmin(costs))]))
     return out
 
 
 def _group_cost(logits, labels, with_any_severe):
-    """The metric's weighted log loss of one group's rows (N, C, 3) logits against (N, C) labels, clipped as the host
-    clips; with_any_severe adds the any_severe_spinal term (the group is the spinal one)."""
+    """The metric's weighted log loss of one group's rows (N, C, 3) logits against (N, C) labels,
+    clipped as the host clips; with_any_severe adds the any_severe_spinal term (the group is the
+    spinal one)."""
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities = np.clip(probabilities / probabilities.sum(-1, keepdims=True), EPS, 1 - EPS)
     keep = labels != MISSING
@@ -233,20 +294,23 @@ def _group_cost(logits, labels, with_any_severe):
         severe = probabilities[..., 2].max(axis=1)[studies]
         target = (np.where(keep, labels, 0).max(axis=1) == 2)[studies]
         study_weights = weights.max(axis=1)[studies]
-        cost += float((study_weights * -np.log(np.where(target, severe, 1 - severe))).sum() / study_weights.sum())
+        cost += float((study_weights * -np.log(np.where(target, severe, 1 - severe))).sum()
+                      / study_weights.sum())
     return cost
 
 
 def collapsed_groups(labels, predicted):
-    """{group: the one class predicted for all its rows} for every condition group whose labelled rows hold two or
-    more true classes yet get a single predicted class: the model has stopped looking at the crops.
+    """{group: the one class predicted for all its rows} for every condition group whose labelled
+    rows hold two or more true classes yet get a single predicted class: the model has stopped
+    looking at the crops.
 
     labels, predicted: (N, 25) class indices (labels MISSING where empty), LABEL_COLUMNS order.
     """
     out = {}
     for name, conditions in GROUP_CONDITIONS.items():
         columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
-        truth, guess = np.asarray(labels)[:, columns].ravel(), np.asarray(predicted)[:, columns].ravel()
+        truth, guess = (np.asarray(labels)[:, columns].ravel(),
+                        np.asarray(predicted)[:, columns].ravel())
         keep = truth != MISSING
         if len(np.unique(truth[keep])) > 1 and len(np.unique(guess[keep])) == 1:
             out[name] = SEVERITIES[int(guess[keep][0])]
@@ -258,9 +322,11 @@ def collapsed_groups(labels, predicted):
 
 
 def point_errors(series, predicted, targets):
-    """In-plane error in mm (on the true slice's spacing) and absolute slice error, for labelled points.
+    """In-plane error in mm (on the true slice's spacing) and absolute slice error, for labelled
+    points.
 
-    predicted, targets: (K, 3) [slice, col, row] in the series' volume pixels; NaN rows of targets are skipped.
+    predicted, targets: (K, 3) [slice, col, row] in the series' volume pixels; NaN rows of targets
+    are skipped.
     """
     labelled = np.isfinite(targets).all(axis=1)
     spacing = series.pixel_spacing[targets[labelled, 0].astype(int)]  # (n, 2) [row, col]
@@ -269,10 +335,14 @@ def point_errors(series, predicted, targets):
 
 
 def summarise_errors(mm, slices):
-    """{median_mm, p90_mm, slice_exact, slice_within1} of per-point errors (NaN when there are none)."""
+    """{median_mm, p90_mm, slice_exact, slice_within1} of per-point errors (NaN when there are
+    none)."""
     mm, slices = np.asarray(mm, np.float64), np.asarray(slices, np.float64)
     if len(mm) == 0:
-        return dict(median_mm=float("nan"), p90_mm=float("nan"), slice_exact=float("nan"), slice_within1=float("nan"))
-    with np.errstate(invalid="ignore"):  # misses are inf; interpolating between two of them gives NaN
+        return dict(median_mm=float("nan"), p90_mm=float("nan"), slice_exact=float("nan"),
+                    slice_within1=float("nan"))
+    # misses are inf; interpolating between two of them gives NaN
+    with np.errstate(invalid="ignore"):
         median, p90 = (float(np.nan_to_num(np.percentile(mm, q), nan=np.inf)) for q in (50, 90))
-    return dict(median_mm=median, p90_mm=p90, slice_exact=float(np.mean(slices < 0.5)), slice_within1=float(np.mean(slices < 1.5)))
+    return dict(median_mm=median, p90_mm=p90, slice_exact=float(np.mean(slices < 0.5)),
+                slice_within1=float(np.mean(slices < 1.5)))

@@ -33,7 +33,7 @@ import losses
 import tables
 
 PIXEL_MM = 0.8  # assumed: the source images carry no spacing
-DISC_CLASSES = (0, 1, 3, 4)
+DISC_CLASSES = 0, 1, 3, 4
 STENOSIS_CLASS = 2
 SAME_DISC = 0.03  # disc boxes closer than this (fraction of the frame) box one disc
 STUDY_ID_BASE = 10000  # study 10030 is patient 0030
@@ -42,22 +42,17 @@ STUDY_ID_BASE = 10000  # study 10030 is patient 0030
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser(
-        "convert", help="write the patients as studies in the competition layout"
-    )
-    convert.add_argument(
-        "--source", default="../shared/real_stenosis", help="folder with images/ and labels/"
-    )
+    convert = commands.add_parser("convert",
+                                  help="write the patients as studies in the competition layout")
+    convert.add_argument("--source", default="../shared/real_stenosis",
+                         help="folder with images/ and labels/")
     convert.add_argument("--out", required=True, help="data folder to write (competition layout)")
-    convert.add_argument(
-        "--studies", type=int, default=0, help="convert only the first N patients (0: all)"
-    )
-    report = commands.add_parser(
-        "report", help="pool and score the validation folds of a k-fold run"
-    )
-    report.add_argument(
-        "--data-dir", required=True, help="the converted data folder (its train.csv is the truth)"
-    )
+    convert.add_argument("--studies", type=int, default=0,
+                         help="convert only the first N patients (0: all)")
+    report = commands.add_parser("report",
+                                 help="pool and score the validation folds of a k-fold run")
+    report.add_argument("--data-dir", required=True,
+                        help="the converted data folder (its train.csv is the truth)")
     report.add_argument("--runs", required=True, help="glob of the fold run folders, quoted")
     report.add_argument("--bins", type=int, default=5, help="bins of the reliability table")
     return parser.parse_args(argv)
@@ -223,14 +218,8 @@ def reliability(predicted, grades, bins):
         )
         if inside.any():
             table.append(
-                (
-                    low,
-                    high,
-                    int(inside.sum()),
-                    float(predicted[inside].mean()),
-                    float((grades[inside] > 0).mean()),
-                    float(counts[1:].sum() / counts.sum()),
-                )
+                (low, high, int(inside.sum()), float(predicted[inside].mean()),
+                 float((grades[inside] > 0).mean()), float(counts[1:].sum() / counts.sum()))
             )
         else:
             table.append((low, high, 0, float("nan"), float("nan"), float("nan")))
@@ -277,9 +266,8 @@ def out_of_fold_temperature(study_ids, labels, graded, folds):
     scaled, temperatures = np.zeros_like(logits), []
     for fold in np.unique(folds):
         inside = folds == fold
-        temperature = losses.fit_temperatures(logits[~inside], labels[~inside])[
-            0
-        ]  # the spinal group's
+        # the spinal group's
+        temperature = losses.fit_temperatures(logits[~inside], labels[~inside])[0]
         shifted = logits[inside] / temperature
         scaled[inside] = np.exp(shifted - shifted.max(-1, keepdims=True))
         temperatures.append(temperature)

@@ -1,12 +1,13 @@
 """Write synthetic lumbar-spine MRI studies in the exact RSNA 2024 competition layout.
 
-The 3D phantom of phantom.py (vertebral bodies, discs, canal, foramina, lateral recesses; random pose, size,
-contrast, noise) is evaluated on the pixel grid of every slice of three DICOM series per study, with real
-DICOM geometry tags. Labels are projected into the slices through the same geometry. Test truth goes to
-solution.csv and solution_coordinates.csv only.
+The 3D phantom of phantom.py (vertebral bodies, discs, canal, foramina, lateral recesses; random
+pose, size, contrast, noise) is evaluated on the pixel grid of every slice of three DICOM series per
+study, with real DICOM geometry tags. Labels are projected into the slices through the same
+geometry. Test truth goes to solution.csv and solution_coordinates.csv only.
 
     python synthetic.py --out /tmp/spine --train-studies 40 --test-studies 10 --seed 0 --quirks
 """
+
 import argparse
 import multiprocessing
 import os
@@ -17,17 +18,20 @@ import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 
-from data import (CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, SERIES_OF_CONDITION, SERIES_TYPES,
-                  SEVERITIES, SUBMISSION_COLUMNS)
+from data import (CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, SERIES_OF_CONDITION,
+                  SERIES_TYPES, SEVERITIES, SUBMISSION_COLUMNS)
 from phantom import landmarks, make_anatomy, render_slice, rotation, sample_severity
 
 # -----------------------------------------------------------------------------
 # what the studies are made of
 
-QUIRKS = ["missing_series", "duplicate_series", "instances_reversed", "instances_offset", "instances_interleaved",
-          "mixed_frame_sizes", "monochrome1", "rescale", "rle_lossless", "no_spacing_tags"]
-SPLIT_CODE = {"train": 0, "test": 1}  # separate random streams: test studies are never train anatomy
-REAL_FRAME = 384  # frames this size or larger get real fields of view; smaller (demo) frames a tighter one
+QUIRKS = ["missing_series", "duplicate_series", "instances_reversed", "instances_offset",
+          "instances_interleaved", "mixed_frame_sizes", "monochrome1", "rescale", "rle_lossless",
+          "no_spacing_tags"]
+# separate random streams: test studies are never train anatomy
+SPLIT_CODE = {"train": 0, "test": 1}
+# frames this size or larger get real fields of view; smaller (demo) frames a tighter one
+REAL_FRAME = 384
 SPLIT_AXIAL_RATE = 1 / 6  # real data: 17 % of studies have labels on two or more series of one type
 
 
@@ -38,26 +42,33 @@ def make_stack(centre, u, v, count, spacing, fov, frame):
     """count parallel square slices centred on centre (mm), stepping spacing mm along n = u x v."""
     n, pixel_spacing = np.cross(u, v), round(fov / frame, 6)
     half = (frame - 1) / 2 * pixel_spacing  # IPP is the centre of pixel (0, 0)
-    return [dict(ipp=np.round(centre + (k - (count - 1) / 2) * spacing * n - half * (u + v), 4), u=u, v=v,
-                 rows=frame, cols=frame, pixel_spacing=pixel_spacing, spacing=spacing) for k in range(count)]
+    return [
+        dict(ipp=np.round(centre + (k - (count - 1) / 2) * spacing * n - half * (u + v), 4), u=u,
+             v=v, rows=frame, cols=frame, pixel_spacing=pixel_spacing, spacing=spacing)
+        for k in range(count)
+    ]
 
 
 def sagittal_slices(rng, points, frame):
-    """Columns go posterior, rows inferior; 15-25 slices across x, the midline up to 3 slices off-centre."""
+    """Columns go posterior, rows inferior; 15-25 slices across x, the midline up to 3 slices
+    off-centre."""
     tilt = rotation(rng.uniform(-1, 1, 3))
     u, v = np.round(tilt @ [0, 1, 0], 6), np.round(tilt @ [0, 0, -1], 6)
     n, spacing = np.cross(u, v), rng.uniform(3.3, 4.5)
-    centre = points.mean(axis=0) + rng.uniform(-3, 3) * spacing * n + rng.uniform(-20, 0) * u + rng.uniform(-10, 10) * v
+    centre = (points.mean(axis=0) + rng.uniform(-3, 3) * spacing * n + rng.uniform(-20, 0) * u
+              + rng.uniform(-10, 10) * v)
     reach = np.abs((points - centre) @ n).max() + 3  # mm the stack must cover either side
     count = max(int(rng.integers(15, 26)), 2 * int(np.ceil(reach / spacing)) + 1)
-    fov = rng.uniform(200, 260) if frame < REAL_FRAME else rng.uniform(270, 330)  # real sagittal: about 300 mm
+    # real sagittal: about 300 mm
+    fov = rng.uniform(200, 260) if frame < REAL_FRAME else rng.uniform(270, 330)
     return make_stack(centre, u, v, count, spacing, fov, frame), None
 
 
 def axial_slices(rng, points, anatomy, frame, levels):
-    """Columns go patient left, rows posterior: one contiguous stack over the given levels, or one short tilted
-    stack per disc of them (stacks[j] None for a level the series does not cover)."""
-    fov = rng.uniform(160, 220) if frame < REAL_FRAME else rng.uniform(180, 220)  # real axial: about 200 mm
+    """Columns go patient left, rows posterior: one contiguous stack over the given levels, or one
+    short tilted stack per disc of them (stacks[j] None for a level the series does not cover)."""
+    # real axial: about 200 mm
+    fov = rng.uniform(160, 220) if frame < REAL_FRAME else rng.uniform(180, 220)
     shift = rng.uniform(-10, 10, 2) - [0, 10]  # FOV centre offset (u, v) mm
     if rng.random() < 0.5:
         tilt = rotation(rng.uniform(-3, 3, 3))
@@ -68,14 +79,19 @@ def axial_slices(rng, points, anatomy, frame, levels):
         count = int(np.clip(np.ceil((np.ptp(along) + 20) / spacing) + 1, fewest, 45))
         centre = points.mean(axis=0) + shift[0] * u + shift[1] * v
         centre += ((along.min() + along.max()) / 2 - centre @ n) * n
-        return make_stack(centre, u, v, count, max(spacing, (np.ptp(along) + 20) / (count - 1)), fov, frame), None
+        return (
+            make_stack(centre, u, v, count, max(spacing, (np.ptp(along) + 20) / (count - 1)), fov,
+                       frame),
+            None,
+        )
     slices, stacks, spacing = [], [None] * 5, rng.uniform(3, 4)
     for j in reversed(list(levels)):  # L5/S1 first, so instance numbers climb the spine
         theta = anatomy["disc_s"][j] / anatomy["curve_radius"]  # each stack tilts with its disc
         n = anatomy["rotation"] @ [0, np.sin(theta), np.cos(theta)]
         u = np.round(anatomy["rotation"] @ [1, 0, 0], 6)
         v = np.round(np.cross(n, u), 6)
-        centre = points[:, j].mean(axis=0) + shift[0] * u + shift[1] * v + rng.uniform(-0.3, 0.3) * spacing * n
+        centre = (points[:, j].mean(axis=0) + shift[0] * u + shift[1] * v
+                  + rng.uniform(-0.3, 0.3) * spacing * n)
         stack = make_stack(centre, u, v, int(rng.integers(3, 6)), spacing, fov, frame)
         stacks[j] = list(range(len(slices), len(slices) + len(stack)))
         slices += stack
@@ -83,34 +99,48 @@ def axial_slices(rng, points, anatomy, frame, levels):
 
 
 def make_series(rng, anatomy, description, series_id, size, levels=tuple(range(5))):
-    """One series: slices in spatial order, per-level stacks (per-disc axial form only), weighting, tags, and the
-    levels and sides whose labels it carries (an axial series may cover some levels only)."""
+    """One series: slices in spatial order, per-level stacks (per-disc axial form only), weighting,
+    tags, and the levels and sides whose labels it carries (an axial series may cover some levels
+    only)."""
     points, frame = landmarks(anatomy), size if rng.random() < 0.5 else round(size * 1.25)
     if description == "Axial T2":
         slices, stacks = axial_slices(rng, points[3:], anatomy, frame, levels)
     else:
         slices, stacks = sagittal_slices(rng, points[:3].reshape(-1, 3), frame)
-    weighting = {"Sagittal T1": "T1", "Axial T2": "T2"}.get(description, "STIR" if rng.random() < 0.25 else "T2")
-    return dict(description=description, series_id=series_id, slices=slices, stacks=stacks, weighting=weighting,
-                numbers=np.arange(1, len(slices) + 1), thickness=slices[0]["spacing"] * rng.uniform(0.8, 1.0),
-                quirks=set(), duplicate=False, levels=tuple(levels), sides=("left", "right"))
+    weighting = {"Sagittal T1": "T1", "Axial T2": "T2"}.get(description,
+                                                            "STIR" if rng.random() < 0.25 else "T2")
+    return dict(description=description, series_id=series_id, slices=slices, stacks=stacks,
+                weighting=weighting, numbers=np.arange(1, len(slices) + 1),
+                thickness=slices[0]["spacing"] * rng.uniform(0.8, 1.0), quirks=set(),
+                duplicate=False, levels=tuple(levels), sides=("left", "right"))
 
 
 def split_axial(rng, anatomy, series_list, series_id, size):
-    """Spread the axial labels over two series, as 17 % of real studies do: the levels split between an upper and
-    a lower series (each covering only its own), or left labels on one series and right labels on another.
-    Returns the row for quirks.csv (without study_id), or None when the study has no axial series."""
-    original = next((s for s in series_list if s["description"] == "Axial T2" and not s["duplicate"]), None)
+    """Spread the axial labels over two series, as 17 % of real studies do: the levels split between
+    an upper and a lower series (each covering only its own), or left labels on one series and right
+    labels on another.
+    Returns the row for quirks.csv (without study_id), or None when the study has no axial series.
+    """
+    original = next(
+        (s for s in series_list if s["description"] == "Axial T2" and not s["duplicate"]), None
+    )
     if original is None:
         return None
     if rng.random() < 0.5:
-        first_lower = int(rng.integers(2, 4))  # upper series: L1/L2 .. this level (excluded); lower: the rest
-        lower = make_series(rng, anatomy, "Axial T2", original["series_id"], size, levels=tuple(range(first_lower, 5)))
-        upper = make_series(rng, anatomy, "Axial T2", series_id, size, levels=tuple(range(first_lower)))
+        # upper series: L1/L2 .. this level (excluded); lower: the rest
+        first_lower = int(rng.integers(2, 4))
+        lower = make_series(rng, anatomy, "Axial T2", original["series_id"], size,
+                            levels=tuple(range(first_lower, 5)))
+        upper = make_series(rng, anatomy, "Axial T2", series_id, size,
+                            levels=tuple(range(first_lower)))
         series_list[series_list.index(original)] = lower
         series_list.append(upper)
-        detail = f"levels {LEVEL_NAMES[0]}..{LEVEL_NAMES[first_lower - 1]} on {series_id}, the rest on {original['series_id']}"
-        return dict(series_id=series_id, series_description="Axial T2", quirk="split_axial_levels", detail=detail)
+        detail = (
+            f"levels {LEVEL_NAMES[0]}..{LEVEL_NAMES[first_lower - 1]} on {series_id}, "
+            f"the rest on {original['series_id']}"
+        )
+        return dict(series_id=series_id, series_description="Axial T2", quirk="split_axial_levels",
+                    detail=detail)
     right = make_series(rng, anatomy, "Axial T2", series_id, size)
     original["sides"], right["sides"] = ("left",), ("right",)
     series_list.append(right)
@@ -119,13 +149,20 @@ def split_axial(rng, anatomy, series_list, series_id, size):
 
 
 def project(point, slices, candidates):
-    """Nearest candidate slice to a patient point, and the point's (column, row) in that slice's pixels."""
-    offsets = [np.dot(point - slices[k]["ipp"], np.cross(slices[k]["u"], slices[k]["v"])) for k in candidates]
+    """Nearest candidate slice to a patient point, and the point's (column, row) in that slice's
+    pixels."""
+    offsets = [
+        np.dot(point - slices[k]["ipp"], np.cross(slices[k]["u"], slices[k]["v"]))
+        for k in candidates
+    ]
     best = candidates[int(np.argmin(np.abs(offsets)))]
     slice_, delta = slices[best], point - slices[best]["ipp"]
-    column, row = delta @ slice_["u"] / slice_["pixel_spacing"], delta @ slice_["v"] / slice_["pixel_spacing"]
+    column, row = (delta @ slice_["u"] / slice_["pixel_spacing"],
+                   delta @ slice_["v"] / slice_["pixel_spacing"])
     assert np.min(np.abs(offsets)) <= slice_["spacing"] / 2 + 1e-3, "label off its slice"
-    assert 0 <= column <= slice_["cols"] - 1 and 0 <= row <= slice_["rows"] - 1, "label outside its image"
+    assert (
+        0 <= column <= slice_["cols"] - 1 and 0 <= row <= slice_["rows"] - 1
+    ), "label outside its image"
     return best, column, row
 
 
@@ -138,29 +175,34 @@ def instance_numbers(rng, count, kind):
         return np.arange(count, 0, -1)
     if kind == "instances_offset":  # starts at 7 or 101, with gaps
         return int(rng.choice([7, 101])) + np.cumsum(rng.integers(1, 3, count)) - 1
-    numbers = np.empty(count, dtype=np.int64)  # interleaved acquisition: odd slices first, then even
+    # interleaved acquisition: odd slices first, then even
+    numbers = np.empty(count, dtype=np.int64)
     numbers[np.r_[0:count:2, 1:count:2]] = np.arange(1, count + 1)
     return numbers
 
 
 def resize_frames(rng, series, size):
-    """Two neighbouring slices at another frame size: same field of view, IPP still the centre of pixel (0, 0)."""
+    """Two neighbouring slices at another frame size: same field of view, IPP still the centre of
+    pixel (0, 0)."""
     first, frame = int(rng.integers(0, len(series["slices"]) - 1)), round(size * 0.75)
     for slice_ in series["slices"][first:first + 2]:
         corner = slice_["ipp"] - 0.5 * slice_["pixel_spacing"] * (slice_["u"] + slice_["v"])
         slice_["pixel_spacing"] = round(slice_["cols"] * slice_["pixel_spacing"] / frame, 6)
-        slice_["ipp"] = np.round(corner + 0.5 * slice_["pixel_spacing"] * (slice_["u"] + slice_["v"]), 4)
+        slice_["ipp"] = np.round(
+            corner + 0.5 * slice_["pixel_spacing"] * (slice_["u"] + slice_["v"]), 4
+        )
         slice_["rows"] = slice_["cols"] = frame
     return f"instances {series['numbers'][first]},{series['numbers'][first + 1]} at {frame} px"
 
 
 def apply_quirk(rng, kind, anatomy, series_list, spare_id, size):
-    """Change series_list in place for one study quirk; returns the quirks.csv row (without study_id)."""
+    """Change series_list in place for one study quirk; returns the quirks.csv row
+    (without study_id)."""
     target, detail = series_list[int(rng.integers(len(series_list)))], ""
     if kind == "missing_series":
         series_list.remove(target)
-        return dict(series_id=target["series_id"], series_description=target["description"], quirk=kind,
-                    detail="series absent: no folder, no series_descriptions row")
+        return dict(series_id=target["series_id"], series_description=target["description"],
+                    quirk=kind, detail="series absent: no folder, no series_descriptions row")
     if kind == "duplicate_series":  # most often a second axial series; labels stay on the first
         description = "Axial T2" if rng.random() < 0.7 else target["description"]
         original = next(s for s in series_list if s["description"] == description)
@@ -174,15 +216,21 @@ def apply_quirk(rng, kind, anatomy, series_list, spare_id, size):
         detail = resize_frames(rng, target, size)
     else:  # stored differently: monochrome1, rescale, rle_lossless, no_spacing_tags
         target["quirks"].add(kind)
-    return dict(series_id=target["series_id"], series_description=target["description"], quirk=kind, detail=detail)
+    return dict(series_id=target["series_id"], series_description=target["description"], quirk=kind,
+                detail=detail)
 
 
 # -----------------------------------------------------------------------------
 # writing one study
 
+def text(values, decimals):
+    """DICOM decimal strings of values, with this many decimals."""
+    return [f"{value:.{decimals}f}" for value in values]
+
+
 def write_instance(path, pixels, slice_, series, study_id, number):
     """One MR Image Storage file; the series' storage quirks change how the same image is stored."""
-    ds, text = Dataset(), lambda values, decimals: [f"{value:.{decimals}f}" for value in values]
+    ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = MRImageStorage
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid(
@@ -195,10 +243,13 @@ def write_instance(path, pixels, slice_, series, study_id, number):
     ds.ImageOrientationPatient = text([*slice_["u"], *slice_["v"]], 6)
     ds.PixelSpacing = text([slice_["pixel_spacing"]] * 2, 6)
     if "no_spacing_tags" not in series["quirks"]:
-        ds.SliceThickness, ds.SpacingBetweenSlices = text([series["thickness"], slice_["spacing"]], 3)
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *pixels.shape, 1, "MONOCHROME2"
+        thickness, gap = text([series["thickness"], slice_["spacing"]], 3)
+        ds.SliceThickness, ds.SpacingBetweenSlices = thickness, gap
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    if "monochrome1" in series["quirks"]:  # lowest value shows white; readers flip within the 16 stored bits
+    # lowest value shows white; readers flip within the 16 stored bits
+    if "monochrome1" in series["quirks"]:
         ds.PhotometricInterpretation, pixels = "MONOCHROME1", (65535 - pixels).astype(np.uint16)
     if "rescale" in series["quirks"]:  # value = stored * slope + intercept, off by at most 1
         ds.RescaleSlope, ds.RescaleIntercept = "2", "-1024"
@@ -210,21 +261,28 @@ def write_instance(path, pixels, slice_, series, study_id, number):
 
 
 def label_rows(study_id, severity, empty, anatomy, series_list):
-    """The study's 25 label strings, and its coordinate rows projected into the first series of the condition's
-    type that carries that level and side (a series added by the duplicate quirk carries none)."""
+    """The study's 25 label strings, and its coordinate rows projected into the first series of the
+    condition's type that carries that level and side (a series added by the duplicate quirk carries
+    none)."""
     labels = ["" if empty[c, j] else SEVERITIES[severity[c, j]] for c in range(5) for j in range(5)]
     points, coordinates = landmarks(anatomy), []
     for c, condition in enumerate(CONDITIONS):
         side = condition.split("_")[0]
         for j in range(5):
-            series = next((s for s in series_list if s["description"] == SERIES_OF_CONDITION[condition] and not s["duplicate"]
-                           and j in s["levels"] and side in s["sides"] + ("spinal",)), None)
+            carriers = [s for s in series_list
+                        if s["description"] == SERIES_OF_CONDITION[condition] and not s["duplicate"]
+                        and j in s["levels"] and side in s["sides"] + ("spinal",)]
+            series = carriers[0] if carriers else None
             if series and not empty[c, j]:
-                candidates = series["stacks"][j] if series["stacks"] else list(range(len(series["slices"])))
+                candidates = (
+                    series["stacks"][j] if series["stacks"] else list(range(len(series["slices"])))
+                )
                 k, column, row = project(points[c, j], series["slices"], candidates)
-                coordinates.append(dict(study_id=study_id, series_id=series["series_id"],
-                                        instance_number=int(series["numbers"][k]), condition=CONDITION_NAMES[c],
-                                        level=LEVEL_NAMES[j], x=round(column, 4), y=round(row, 4)))
+                coordinates.append(
+                    dict(study_id=study_id, series_id=series["series_id"],
+                         instance_number=int(series["numbers"][k]), condition=CONDITION_NAMES[c],
+                         level=LEVEL_NAMES[j], x=round(column, 4), y=round(row, 4))
+                )
     return labels, coordinates
 
 
@@ -235,15 +293,21 @@ def make_study(job):
     anatomy = make_anatomy(rng, severity)
     series_list = [make_series(rng, anatomy, kind, series_id, job["size"])
                    for kind, series_id in zip(SERIES_TYPES, job["series_ids"])]
-    empty, quirks = rng.random((5, 5)) < 0.01, []  # about 1% of label cells are blank, as in the real train.csv
-    split_rng = np.random.default_rng([job["seed"], SPLIT_CODE[job["split"]], job["index"], 2])  # own stream, as quirks
+    empty = rng.random((5, 5)) < 0.01  # about 1% of label cells are blank, as in the real train.csv
+    quirks = []
+    stream = [job["seed"], SPLIT_CODE[job["split"]], job["index"]]
+    split_rng = np.random.default_rng(stream + [2])  # own stream, as quirks
     if split_rng.random() < job["split_axial"]:
-        quirks += [row for row in [split_axial(split_rng, anatomy, series_list, job["series_ids"][4], job["size"])] if row]
+        row = split_axial(split_rng, anatomy, series_list, job["series_ids"][4], job["size"])
+        quirks += [row] if row else []
     if job["quirk"]:  # own random stream: the study looks the same with or without --quirks
-        quirk_rng = np.random.default_rng([job["seed"], SPLIT_CODE[job["split"]], job["index"], 1])
-        quirks.append(apply_quirk(quirk_rng, job["quirk"], anatomy, series_list, job["series_ids"][3], job["size"]))
-    hidden_test_like = job["quirks"] and job["split"] == "test"  # the hidden test had no spacing tags at all
-    for series in (s for s in series_list if hidden_test_like and "no_spacing_tags" not in s["quirks"]):
+        quirk_rng = np.random.default_rng(stream + [1])
+        quirks.append(apply_quirk(quirk_rng, job["quirk"], anatomy, series_list,
+                                  job["series_ids"][3], job["size"]))
+    hidden_test_like = job["quirks"] and job["split"] == "test"  # no spacing tags at all
+    for series in series_list:
+        if not hidden_test_like or "no_spacing_tags" in series["quirks"]:
+            continue
         series["quirks"].add("no_spacing_tags")
         quirks.append(dict(series_id=series["series_id"], series_description=series["description"],
                            quirk="no_spacing_tags", detail="every test series"))
@@ -254,7 +318,8 @@ def make_study(job):
         os.makedirs(folder, exist_ok=True)
         for slice_, number in zip(series["slices"], series["numbers"]):
             pixels = render_slice(rng, slice_, anatomy, series["weighting"])
-            write_instance(os.path.join(folder, f"{number}.dcm"), pixels, slice_, series, job["study_id"], number)
+            write_instance(os.path.join(folder, f"{number}.dcm"), pixels, slice_, series,
+                           job["study_id"], number)
     if job["corrupt"]:  # truncate the edge slice of one series: never a labelled slice
         series = next((s for s in series_list if s["description"] == "Sagittal T1"), series_list[0])
         path = os.path.join(study_dir, str(series["series_id"]), f"{series['numbers'][0]}.dcm")
@@ -262,17 +327,19 @@ def make_study(job):
             file.truncate(os.path.getsize(path) // 3)
         quirks.append(dict(series_id=series["series_id"], series_description=series["description"],
                            quirk="corrupt_file", detail=os.path.relpath(path, job["out_dir"])))
-    return dict(split=job["split"], study_id=job["study_id"], labels=labels, coordinates=coordinates,
-                series=[dict(study_id=job["study_id"], series_id=s["series_id"], series_description=s["description"])
-                        for s in series_list], quirks=[dict(study_id=job["study_id"], **row) for row in quirks])
+    listed = [dict(study_id=job["study_id"], series_id=s["series_id"],
+                   series_description=s["description"]) for s in series_list]
+    quirk_rows = [dict(study_id=job["study_id"], **row) for row in quirks]
+    return dict(split=job["split"], study_id=job["study_id"], labels=labels,
+                coordinates=coordinates, series=listed, quirks=quirk_rows)
 
 
 # -----------------------------------------------------------------------------
 # the dataset
 
 def draw_ids(seed, count):
-    """count (study id of 7-10 digits, [5 series ids of 8-10 digits]), all unique. The fifth series id of every
-    study is drawn after all the others, so that it changed none of them."""
+    """count (study id of 7-10 digits, [5 series ids of 8-10 digits]), all unique. The fifth series
+    id of every study is drawn after all the others, so that it changed none of them."""
     rng, ids = np.random.default_rng([seed, 2]), {}  # a dict is an ordered set
     while len(ids) < 6 * count:
         digits = int(rng.integers(7 if len(ids) < 5 * count and len(ids) % 5 == 0 else 8, 11))
@@ -282,20 +349,24 @@ def draw_ids(seed, count):
 
 
 def write_csv(rows, columns, path):
-    pd.DataFrame(rows, columns=columns).sort_values("study_id", kind="stable").to_csv(path, index=False)
+    pd.DataFrame(rows, columns=columns).sort_values("study_id", kind="stable").to_csv(path,
+                                                                                      index=False)
 
 
-def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False, workers=0,
-                 split_axial=SPLIT_AXIAL_RATE):
+def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False,
+                 workers=0, split_axial=SPLIT_AXIAL_RATE):
     """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}."""
     start, ids = time.time(), draw_ids(seed, train_studies + test_studies)
     cycle = QUIRKS + [None]  # with --quirks each study gets the next quirk in turn (or none)
-    jobs = [dict(split=split, index=i, study_id=ids[offset + i][0], series_ids=ids[offset + i][1], seed=seed,
-                 size=size, balanced=balanced, quirks=quirks, quirk=cycle[i % len(cycle)] if quirks else None,
-                 split_axial=split_axial,
-                 out_dir=out_dir, corrupt=quirks and split == "test" and i == min(1, test_studies - 1))
-            for split, count, offset in (("train", train_studies, 0), ("test", test_studies, train_studies))
-            for i in range(count)]
+    jobs = [
+        dict(split=split, index=i, study_id=ids[offset + i][0], series_ids=ids[offset + i][1],
+             seed=seed, size=size, balanced=balanced, quirks=quirks,
+             quirk=cycle[i % len(cycle)] if quirks else None, split_axial=split_axial,
+             out_dir=out_dir, corrupt=quirks and split == "test" and i == min(1, test_studies - 1))
+        for split, count, offset in (("train", train_studies, 0),
+                                     ("test", test_studies, train_studies))
+        for i in range(count)
+    ]
     os.makedirs(out_dir, exist_ok=True)
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1 or len(jobs) < 4:
@@ -303,17 +374,25 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
     else:
         with multiprocessing.Pool(workers) as pool:
             results = pool.map(make_study, jobs, chunksize=1)
-    for split, labels_name, coordinates_name in (("train", "train.csv", "train_label_coordinates.csv"),
-                                                  ("test", "solution.csv", "solution_coordinates.csv")):
+    for split, labels_name, coordinates_name in (
+        ("train", "train.csv", "train_label_coordinates.csv"),
+        ("test", "solution.csv", "solution_coordinates.csv"),
+    ):
         studies = [r for r in results if r["split"] == split]
         write_csv([[r["study_id"], *r["labels"]] for r in studies], ["study_id", *LABEL_COLUMNS],
                   os.path.join(out_dir, labels_name))
-        write_csv([row for r in studies for row in r["coordinates"]], ["study_id", "series_id", "instance_number",
-                  "condition", "level", "x", "y"], os.path.join(out_dir, coordinates_name))
-        write_csv([row for r in studies for row in r["series"]], ["study_id", "series_id", "series_description"],
+        write_csv([row for r in studies for row in r["coordinates"]],
+                  ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+                  os.path.join(out_dir, coordinates_name))
+        write_csv([row for r in studies for row in r["series"]],
+                  ["study_id", "series_id", "series_description"],
                   os.path.join(out_dir, f"{split}_series_descriptions.csv"))
     test_ids = sorted(r["study_id"] for r in results if r["split"] == "test")
-    submission = [[f"{study_id}_{column}", 1 / 3, 1 / 3, 1 / 3] for study_id in test_ids for column in LABEL_COLUMNS]
+    submission = [
+        [f"{study_id}_{column}", 1 / 3, 1 / 3, 1 / 3]
+        for study_id in test_ids
+        for column in LABEL_COLUMNS
+    ]
     pd.DataFrame(submission, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
         os.path.join(out_dir, "sample_submission.csv"), index=False)
     quirk_rows = [row for r in results for row in r["quirks"]]
@@ -321,38 +400,54 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
               os.path.join(out_dir, "quirks.csv"))
     for row in (row for row in quirk_rows if row["quirk"] == "corrupt_file"):
         print(f"warning: corrupt file written on purpose: {os.path.join(out_dir, row['detail'])}")
-    total = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(out_dir) for name in names)
+    total = sum(os.path.getsize(os.path.join(folder, name)) for folder, _,
+                names in os.walk(out_dir) for name in names)
     seconds = time.time() - start
-    print(f"wrote {train_studies} train + {test_studies} test studies to {out_dir}: {seconds:.1f} s, "
-          f"{total / 1e6:.1f} MB")
+    print(
+        f"wrote {train_studies} train + {test_studies} test studies to {out_dir}: {seconds:.1f} s, "
+        f"{total / 1e6:.1f} MB"
+    )
     return {"seconds": seconds, "bytes": total}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # data
-    parser.add_argument("--out", default="synthetic_data", help="output folder, written in the competition layout")
+    parser.add_argument("--out", default="synthetic_data",
+                        help="output folder, written in the competition layout")
     parser.add_argument("--train-studies", type=int, default=40, help="number of training studies")
-    parser.add_argument("--test-studies", type=int, default=10, help="number of test studies (truth in solution*.csv)")
+    parser.add_argument("--test-studies", type=int, default=10,
+                        help="number of test studies (truth in solution*.csv)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
-    parser.add_argument("--size", type=int, default=160, help="typical frame size in pixels (some series 1.25x)")
+    parser.add_argument("--size", type=int, default=160,
+                        help="typical frame size in pixels (some series 1.25x)")
     # realism
-    parser.add_argument("--quirks", action="store_true", help="add the quirks of real data (listed in quirks.csv)")
-    parser.add_argument("--balanced", action="store_true", help="severities 1/3 each instead of the real priors")
-    parser.add_argument("--split-axial", type=float, default=SPLIT_AXIAL_RATE, help="share of studies whose axial labels "
-                        "are spread over two series (levels split, or left and right apart), as in real data")
+    parser.add_argument("--quirks", action="store_true",
+                        help="add the quirks of real data (listed in quirks.csv)")
+    parser.add_argument("--balanced", action="store_true",
+                        help="severities 1/3 each instead of the real priors")
+    parser.add_argument(
+        "--split-axial",
+        type=float,
+        default=SPLIT_AXIAL_RATE,
+        help="share of studies whose axial labels "
+        "are spread over two series (levels split, or left and right apart), as in real data",
+    )
     # system
-    parser.add_argument("--workers", type=int, default=0, help="worker processes (0: one per CPU core)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="worker processes (0: one per CPU core)")
     args = parser.parse_args(argv)
-    assert args.train_studies >= 0 and args.test_studies >= 0 and args.size >= 32, "counts >= 0, size >= 32"
+    assert (
+        args.train_studies >= 0 and args.test_studies >= 0 and args.size >= 32
+    ), "counts >= 0, size >= 32"
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     print(vars(args))
-    make_dataset(args.out, args.train_studies, args.test_studies, args.seed, args.size, args.quirks, args.balanced,
-                 args.workers, args.split_axial)
+    make_dataset(args.out, args.train_studies, args.test_studies, args.seed, args.size, args.quirks,
+                 args.balanced, args.workers, args.split_axial)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
-"""The competition's CSV tables: labels, label coordinates and series descriptions as arrays and records; folds.
+"""The competition's CSV tables: labels, label coordinates and series descriptions as arrays and
+records; folds.
 
-    study_ids, labels = read_labels("train.csv")          # labels (N, 25) int64, -1 = empty cell
-    items = labelled_series("demo", "train")               # [LabelledSeries] with the points labelled on each
+study_ids, labels = read_labels("train.csv")          # labels (N, 25) int64, -1 = empty cell
+# [LabelledSeries] with the points labelled on each
+items = labelled_series("demo", "train")
 """
+
 import os
 from collections import namedtuple
 
 import numpy as np
 import pandas as pd
 
-from data import CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, LEVELS, MISSING, SERIES_TYPES, SEVERITIES
+from data import (CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, LEVELS, MISSING,
+                  SERIES_TYPES, SEVERITIES)
 
-# a labelled point as train_label_coordinates.csv gives it: instance number and x, y in that file's own pixels
+# a labelled point as train_label_coordinates.csv gives it: instance number and x, y in that file's
+# own pixels
 LabelPoint = namedtuple("LabelPoint", "series_id instance_number x y")
 # a series of a split with the points labelled on it: {(condition, level): LabelPoint}
 LabelledSeries = namedtuple("LabelledSeries", "study_id series_id series_type series_dir points")
@@ -22,7 +27,8 @@ def _fail(path, message):
 
 
 def read_labels(path):
-    """train.csv -> (study_ids (N,) int64, labels (N, 25) int64), class index or MISSING for an empty cell."""
+    """train.csv -> (study_ids (N,) int64, labels (N, 25) int64), class index or MISSING for an
+    empty cell."""
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     absent = [c for c in ["study_id"] + LABEL_COLUMNS if c not in frame.columns]
     if absent:
@@ -38,13 +44,18 @@ def read_labels(path):
         unknown = sorted(set(values) - set(codes))
         if unknown:
             row = int(np.flatnonzero(values.isin(unknown))[0]) + 2  # +2: header line, 1-based
-            _fail(path, f"line {row}, column {column}: unknown severity {unknown[0]!r} (expected one of {SEVERITIES} or empty)")
+            _fail(
+                path,
+                f"line {row}, column {column}: unknown severity {unknown[0]!r} "
+                f"(expected one of {SEVERITIES} or empty)",
+            )
         labels[:, j] = values.map(codes).to_numpy()
     return frame["study_id"].astype(np.int64).to_numpy(), labels
 
 
 def _normalise_names(values, title_names, snake_names, path, column):
-    """Map Title Case ('L1/L2') or snake_case ('l1_l2') strings to snake_case; fail on anything else."""
+    """Map Title Case ('L1/L2') or snake_case ('l1_l2') strings to snake_case; fail on anything
+    else."""
     lookup = {t.lower(): s for t, s in zip(title_names, snake_names)} | {s: s for s in snake_names}
     mapped = values.str.strip().str.lower().map(lookup)
     if mapped.isna().any():
@@ -60,28 +71,41 @@ def read_coordinates(path):
     absent = [c for c in needed if c not in frame.columns]
     if absent:
         _fail(path, f"missing columns {absent}")
-    frame["condition"] = _normalise_names(frame["condition"].astype(str), CONDITION_NAMES, CONDITIONS, path, "condition")
-    frame["level"] = _normalise_names(frame["level"].astype(str), LEVEL_NAMES, LEVELS, path, "level")
+    frame["condition"] = _normalise_names(frame["condition"].astype(str), CONDITION_NAMES,
+                                          CONDITIONS, path, "condition")
+    frame["level"] = _normalise_names(
+        frame["level"].astype(str), LEVEL_NAMES, LEVELS, path, "level"
+    )
     bad = ~np.isfinite(frame[["x", "y"]].to_numpy(float)).all(axis=1)
     if bad.any():
         _fail(path, f"line {int(np.flatnonzero(bad)[0]) + 2}: x or y is not a finite number")
-    return frame[needed].astype({"study_id": np.int64, "series_id": np.int64, "instance_number": np.int64})
+    return frame[needed].astype(
+        {"study_id": np.int64, "series_id": np.int64, "instance_number": np.int64}
+    )
 
 
 def read_series_descriptions(path):
-    """*_series_descriptions.csv -> DataFrame(study_id, series_id, series_description), strings checked."""
+    """*_series_descriptions.csv -> DataFrame(study_id, series_id, series_description), strings
+    checked."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: series description file not found")
-    frame = pd.read_csv(path, dtype={"study_id": np.int64, "series_id": np.int64, "series_description": str})
+    frame = pd.read_csv(
+        path, dtype={"study_id": np.int64, "series_id": np.int64, "series_description": str}
+    )
     unknown = ~frame["series_description"].isin(SERIES_TYPES)
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
-        _fail(path, f"line {row + 2}: unknown series_description {frame['series_description'].iloc[row]!r} (expected one of {SERIES_TYPES})")
+        _fail(
+            path,
+            f"line {row + 2}: unknown series_description "
+            f"{frame['series_description'].iloc[row]!r} (expected one of {SERIES_TYPES})",
+        )
     return frame
 
 
 def series_by_study(descriptions):
-    """{study_id: {series type: [series_id, ...]}}; a type a study lacks maps to []; several are kept in file order."""
+    """{study_id: {series type: [series_id, ...]}}; a type a study lacks maps to []; several are
+    kept in file order."""
     out = {}
     for row in descriptions.itertuples(index=False):
         per_type = out.setdefault(int(row.study_id), {s: [] for s in SERIES_TYPES})
@@ -90,22 +114,33 @@ def series_by_study(descriptions):
 
 
 def labelled_series(data_dir, split="train"):
-    """[LabelledSeries] of every series listed in {split}_series_descriptions.csv, with the points labelled on it
-    ({} when the split has no coordinate file or the series carries no label)."""
-    descriptions = read_series_descriptions(os.path.join(data_dir, f"{split}_series_descriptions.csv"))
+    """[LabelledSeries] of every series listed in {split}_series_descriptions.csv, with the points
+    labelled on it ({} when the split has no coordinate file or the series carries no label)."""
+    descriptions = read_series_descriptions(
+        os.path.join(data_dir, f"{split}_series_descriptions.csv")
+    )
     coordinates_file = os.path.join(data_dir, f"{split}_label_coordinates.csv")
     points = {}
     if os.path.exists(coordinates_file):
         for row in read_coordinates(coordinates_file).itertuples(index=False):
-            points.setdefault(row.series_id, {})[(row.condition, row.level)] = LabelPoint(row.series_id, row.instance_number, row.x, row.y)
-    return [LabelledSeries(int(row.study_id), int(row.series_id), row.series_description,
-                           os.path.join(data_dir, f"{split}_images", str(row.study_id), str(row.series_id)),
-                           points.get(row.series_id, {}))
-            for row in descriptions.itertuples(index=False)]
+            points.setdefault(row.series_id, {})[(row.condition, row.level)] = LabelPoint(
+                row.series_id, row.instance_number, row.x, row.y
+            )
+    return [
+        LabelledSeries(
+            int(row.study_id),
+            int(row.series_id),
+            row.series_description,
+            os.path.join(data_dir, f"{split}_images", str(row.study_id), str(row.series_id)),
+            points.get(row.series_id, {}),
+        )
+        for row in descriptions.itertuples(index=False)
+    ]
 
 
 def assign_folds(study_ids, n_folds=5, seed=0):
-    """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any input order."""
+    """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any
+    input order."""
     unique = np.unique(np.asarray(study_ids, dtype=np.int64))
     order = np.random.default_rng(seed).permutation(len(unique))
     return {int(unique[i]): rank % n_folds for rank, i in enumerate(order)}

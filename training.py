@@ -1,9 +1,11 @@
 """Training plumbing shared by train_landmarks.py and train_severity.py: device and precision, the
-learning-rate schedule, atomic checkpoints and resume, the CSV log, and torchrun (DistributedDataParallel) set-up.
+learning-rate schedule, atomic checkpoints and resume, the CSV log, and torchrun
+(DistributedDataParallel) set-up.
 
     runtime = setup_distributed("auto")     # Runtime(rank=0, world_size=1, device) without torchrun
     lr = get_lr(step, total_steps, warmup_steps, peak_lr)   # a pure function of the step
 """
+
 import json
 import math
 import os
@@ -27,8 +29,9 @@ Runtime = namedtuple("Runtime", "rank world_size device")
 
 
 def setup_distributed(device_name):
-    """Runtime(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA, gloo on CPU)
-    and each process takes its own GPU; without torchrun this is Runtime(0, 1, the plain device)."""
+    """Runtime(rank, world size, device). Under torchrun the process group comes up (NCCL on CUDA,
+    gloo on CPU) and each process takes its own GPU; without torchrun this is
+    Runtime(0, 1, the plain device)."""
     device = resolve_device(device_name)
     if "RANK" not in os.environ:
         return Runtime(0, 1, device)
@@ -48,49 +51,43 @@ def end_distributed(runtime):
 
 
 def wrap_for_training(model, runtime):
-    """DistributedDataParallel under torchrun (gradients averaged across processes), else the model itself."""
+    """DistributedDataParallel under torchrun (gradients averaged across processes), else the model
+    itself."""
     if runtime.world_size == 1:
         return model
     device = runtime.device
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def autocast_context(device, amp):
-    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler); off on CPU."""
+    """Mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler); off on
+    CPU."""
     if device.type != "cuda" or not amp:
         return torch.autocast("cpu", enabled=False), torch.amp.GradScaler("cpu", enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda",
+                                                                     enabled=dtype == torch.float16)
 
 
 def get_lr(step, total_steps, warmup_steps, peak_lr):
-    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps. A pure function of the step."""
+    """Linear warmup to peak_lr, then cosine decay to 0 at total_steps. A pure function of the
+    step."""
     if step < warmup_steps:
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def optimizer_step(loss, optimizer, scaler):
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-
 def recompute_batchnorm(model, batches):
-    """Set every BatchNorm's running statistics to the plain mean over batches (tuples of forward arguments); the
-    weights are untouched and no random numbers are drawn.
+    """Set every BatchNorm's running statistics to the plain mean over batches (tuples of forward
+    arguments); the weights are untouched and no random numbers are drawn.
 
-    Running statistics average the last ten or so steps (momentum 0.1). While the weights still move fast they lag
-    behind them, and in eval mode the network then grades every crop of a group alike although in training mode it
-    does not: on a demo fold after 4 epochs the validation score was 1.30 with the running statistics and 0.58 with
-    recomputed ones, same weights.
+    Running statistics average the last ten or so steps (momentum 0.1). While the weights still move
+    fast they lag behind them, and in eval mode the network then grades every crop of a group alike
+    although in training mode it does not: on a demo fold after 4 epochs the validation score was
+    1.30 with the running statistics and 0.58 with recomputed ones, same weights.
     """
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
@@ -108,14 +105,16 @@ def recompute_batchnorm(model, batches):
 
 
 def save_checkpoint(path, checkpoint):
-    """Write to a temporary file, then rename: a kill while saving never leaves a broken checkpoint."""
+    """Write to a temporary file, then rename: a kill while saving never leaves a broken
+    checkpoint."""
     temporary = path + ".tmp"
     torch.save(checkpoint, temporary)
     os.replace(temporary, path)
 
 
 def resume(path, model, optimizer, device, name):
-    """(first epoch, step, best score) to continue from the checkpoint at path; (0, 0, inf) when there is none."""
+    """(first epoch, step, best score) to continue from the checkpoint at path; (0, 0, inf) when
+    there is none."""
     if not os.path.exists(path):
         return 0, 0, float("inf")
     checkpoint = torch.load(path, map_location=device, weights_only=False)
@@ -125,19 +124,24 @@ def resume(path, model, optimizer, device, name):
     return checkpoint["epoch"] + 1, checkpoint["step"], checkpoint["best"]
 
 
-def print_progress(name, epoch, epochs, batch_index, steps_per_epoch, losses, lr, started, steps_left):
-    """One self-overwriting console line: epoch, step, running loss, lr, speed and time left."""
-    rate = (batch_index + 1) / max(time.time() - started, 1e-9)
-    print(f"\r{name} epoch {epoch + 1}/{epochs} step {batch_index + 1}/{steps_per_epoch} loss {np.mean(losses):.4f} "
-          f"lr {lr:.2e} {rate:.2f} it/s eta {steps_left / max(rate, 1e-9) / 60:.1f} min", end="", flush=True)
+def print_progress(where, batch_losses, lr, started, steps_done, steps_left):
+    """One self-overwriting console line: where, running loss, lr, speed and time left."""
+    rate = steps_done / max(time.time() - started, 1e-9)
+    minutes_left = steps_left / max(rate, 1e-9) / 60
+    print(f"\r{where} loss {np.mean(batch_losses):.4f} lr {lr:.2e} {rate:.2f} it/s "
+          f"eta {minutes_left:.1f} min", end="", flush=True)
 
 
 def print_row(row):
-    print("  " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    print(
+        "  "
+        + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+    )
 
 
 class CsvLog:
-    """One row per epoch, flushed at once; on resume, rows after the checkpoint's epoch are dropped."""
+    """One row per epoch, flushed at once; on resume, rows after the checkpoint's epoch are
+    dropped."""
 
     def __init__(self, path, keep_epochs_below=None):
         self.path = path
@@ -153,11 +157,16 @@ class CsvLog:
 
 
 def save_args(out_dir, script, args):
-    """Print the flags and keep them in RUN/args.json under the script's name (the stages share a run folder)."""
+    """Print the flags and keep them in RUN/args.json under the script's name (the stages share a
+    run folder)."""
     print(json.dumps(vars(args)))
     path = os.path.join(out_dir, "args.json")
     saved = json.load(open(path)) if os.path.exists(path) else {}
-    saved[script] = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, list, type(None)))}
+    saved[script] = {
+        k: v
+        for k, v in vars(args).items()
+        if isinstance(v, (str, int, float, bool, list, type(None)))
+    }
     with open(path, "w") as handle:
         json.dump(saved, handle, indent=2)
 
@@ -167,12 +176,16 @@ def seed_worker(worker_id):
 
 
 def distributed_loader(dataset, batch_size, shuffle, collate_fn, args, runtime):
-    """A DataLoader; under torchrun each process reads its own share (DistributedSampler, reshuffled per epoch)."""
+    """A DataLoader; under torchrun each process reads its own share (DistributedSampler, reshuffled
+    per epoch)."""
     sampler = None
     if runtime.world_size > 1:
-        sampler = torch.utils.data.DistributedSampler(dataset, runtime.world_size, runtime.rank, shuffle=shuffle, seed=args.seed)
+        sampler = torch.utils.data.DistributedSampler(dataset, runtime.world_size, runtime.rank,
+                                                      shuffle=shuffle, seed=args.seed)
         shuffle = False
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate_fn,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       sampler=sampler, collate_fn=collate_fn,
                                        num_workers=args.num_workers, worker_init_fn=seed_worker,
                                        generator=torch.Generator().manual_seed(args.seed),
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=args.num_workers > 0)
+                                       pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=args.num_workers > 0)

@@ -1,9 +1,12 @@
-"""Pictures a person can check at a glance (Pillow only): landmark overlays, severity crops, confusion matrices.
+"""Pictures a person can check at a glance (Pillow only): landmark overlays, severity crops,
+confusion matrices.
 
-    write_overlay("overlay.png", series, true_points, predicted_points, point_names)
-    save_crops_png("crops.png", crops, groups, labels)      # what the severity network sees, with the grades
-    save_confusion_png("confusion.png", {"spinal": counts_3x3, ...})
+write_overlay("overlay.png", series, true_points, predicted_points, point_names)
+# what the severity network sees, with the grades
+save_crops_png("crops.png", crops, groups, labels)
+save_confusion_png("confusion.png", {"spinal": counts_3x3, ...})
 """
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -12,20 +15,30 @@ import inputs
 
 
 def write_overlay(path, series, targets, predicted, names):
-    """PNG of the slices holding true (green) and predicted (red) points, labelled with their level."""
-    slices = sorted({int(t[0]) for t in targets if np.isfinite(t).all()} | {int(p[0]) for p in predicted if np.isfinite(p).all()})[:4]
+    """PNG of the slices holding true (green) and predicted (red) points, labelled with their
+    level."""
+    slices = sorted(
+        {int(t[0]) for t in targets if np.isfinite(t).all()}
+        | {int(p[0]) for p in predicted if np.isfinite(p).all()}
+    )[:4]
     panels = []
     for d in slices:
         image = inputs.normalise(series.volume[d]).clip(0, 1) * 255
-        zoom = max(1, int(np.ceil(320 / image.shape[1])))  # small frames are enlarged so the labels stay legible
-        panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize((image.shape[1] * zoom, image.shape[0] * zoom))
+        # small frames are enlarged so the labels stay legible
+        zoom = max(1, int(np.ceil(320 / image.shape[1])))
+        panel = (
+            Image.fromarray(image.astype(np.uint8))
+            .convert("RGB")
+            .resize((image.shape[1] * zoom, image.shape[0] * zoom))
+        )
         draw = ImageDraw.Draw(panel)
         for points, colour in ((targets, (0, 255, 0)), (predicted, (255, 60, 60))):
             for (pd_, col, row), (condition, level) in zip(points, names):
                 col, row = (col + 0.5) * zoom - 0.5, (row + 0.5) * zoom - 0.5
                 if np.isfinite([pd_, col, row]).all() and int(pd_) == d:
                     draw.ellipse([col - 3, row - 3, col + 3, row + 3], outline=colour, width=2)
-                    draw.text((col + 5, row - 6), f"{condition[0].upper()}{level[1]}{level[-1]}", fill=colour)
+                    draw.text((col + 5, row - 6), f"{condition[0].upper()}{level[1]}{level[-1]}",
+                              fill=colour)
         draw.text((3, 3), f"slice {d}", fill=(255, 255, 0))
         panels.append(panel)
     if panels:
@@ -54,8 +67,9 @@ def save_confusion_png(path, matrices):
 
 
 def save_crops_png(path, crops, groups, labels, per_group=8):
-    """The centre slice of up to per_group crops of each condition group, one row a group, labelled with its grade:
-    what the severity network sees. crops (N, S, C, C) normalised, groups and labels (N,)."""
+    """The centre slice of up to per_group crops of each condition group, one row a group, labelled
+    with its grade: what the severity network sees. crops (N, S, C, C) normalised, groups and
+    labels (N,)."""
     size, rows = crops.shape[-1] * 2, []
     for g in range(len(data.GROUPS)):
         picks = np.flatnonzero(np.asarray(groups) == g)[:per_group]
@@ -63,7 +77,8 @@ def save_crops_png(path, crops, groups, labels, per_group=8):
         draw = ImageDraw.Draw(row)
         for k, i in enumerate(picks):
             image = (crops[i, crops.shape[1] // 2].clamp(0, 1).numpy() * 255).astype(np.uint8)
-            row.paste(Image.fromarray(image).resize((size, size)).convert("RGB"), (k * (size + 4), 14))
+            row.paste(Image.fromarray(image).resize((size, size)).convert("RGB"),
+                      (k * (size + 4), 14))
             grade = "?" if labels[i] < 0 else data.SEVERITIES[int(labels[i])].split("/")[0]
             draw.text((k * (size + 4) + 2, 1), f"{data.GROUPS[g][:4]} {grade}", fill=(255, 255, 0))
         rows.append(row)

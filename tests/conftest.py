@@ -1,4 +1,6 @@
-"""Shared test helpers: a minimal DICOM writer (independent of synthetic.py) and the shared-data location."""
+"""Shared test helpers: a minimal DICOM writer (independent of synthetic.py) and the shared-data
+location."""
+
 import sys
 from pathlib import Path
 
@@ -12,8 +14,8 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
 
-def write_frame(path, pixels, position, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.5, 0.5), instance=1,
-                photometric="MONOCHROME2", slope=None, intercept=None, rle=False):
+def write_frame(path, pixels, position, orientation=(1, 0, 0, 0, 1, 0), spacing=(0.5, 0.5),
+                instance=1, photometric="MONOCHROME2", slope=None, intercept=None, rle=False):
     """Write one uint16 MR frame with the given geometry; returns the path."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MRImageStorage

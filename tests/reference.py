@@ -8,26 +8,30 @@ Example:
     >>> import pandas as pd
     >>> reference_score(pd.read_csv("train.csv"), pd.read_csv("submission.csv"))
 
-Choices made where DESIGN.md is silent (aligned with the Kaggle host's public metric, which normalises
-each submitted row to sum 1 and then calls sklearn.metrics.log_loss (sklearn < 1.5) with sample_weight):
+Choices made where DESIGN.md is silent (aligned with the Kaggle host's public metric, which
+normalises each submitted row to sum 1 and then calls sklearn.metrics.log_loss (sklearn < 1.5) with
+sample_weight):
 
-1. Row normalisation: each submitted row (normal_mild, moderate, severe) is divided by its sum first.
-   A negative, non-finite or all-zero row raises ValueError.
+1. Row normalisation: each submitted row (normal_mild, moderate, severe) is divided by its sum
+   first. A negative, non-finite or all-zero row raises ValueError.
 2. Clipping, per row, after that normalisation, as sklearn < 1.5 does it: clip all three to
-   [eps, 1 - eps] (eps = np.finfo(np.float64).eps), then divide by the clipped row's sum again. For a
-   row that already sums to 1 this changes -log p by at most ~1e-15 compared with clipping alone.
+   [eps, 1 - eps] (eps = np.finfo(np.float64).eps), then divide by the clipped row's sum again. For
+   a row that already sums to 1 this changes -log p by at most ~1e-15 compared with clipping alone.
 3. any_severe_spinal: for each study with at least one non-empty spinal cell, over those scored rows
-   only: label = any Severe, weight = max row weight (4 / 2 / 1), prediction = max of the *normalised*
-   `severe`. The prediction p is clipped to [eps, 1 - eps] and scored as the pair (1 - p, p) (sklearn's
-   binary path). A study whose spinal cells are all empty is left out of this term.
+   only: label = any Severe, weight = max row weight (4 / 2 / 1), prediction = max of the
+   *normalised* `severe`. The prediction p is clipped to [eps, 1 - eps] and scored as the pair
+   (1 - p, p) (sklearn's binary path). A study whose spinal cells are all empty is left out of this
+   term.
 4. Rows whose truth is empty (NaN, None, "" or whitespace) are not scored in any term.
 5. Submission rows not asked for by the solution (other studies) are ignored; a row the solution
    needs that is missing, or a duplicated row_id, raises ValueError.
-6. A term with no scored rows (total weight 0) raises ValueError: the host's sklearn call would fail.
+6. A term with no scored rows (total weight 0) raises ValueError: the host's sklearn call would
+   fail.
    Where every any_severe label is the same class, sklearn would refuse (one label only); here the
    value is computed anyway (it is well defined).
 7. Final score = plain mean of the four terms (spinal, foraminal, subarticular, any_severe_spinal).
 """
+
 import csv
 import math
 import os
@@ -38,13 +42,9 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-CONDITIONS = [
-    "spinal_canal_stenosis",
-    "left_neural_foraminal_narrowing",
-    "right_neural_foraminal_narrowing",
-    "left_subarticular_stenosis",
-    "right_subarticular_stenosis",
-]
+CONDITIONS = ["spinal_canal_stenosis", "left_neural_foraminal_narrowing",
+              "right_neural_foraminal_narrowing", "left_subarticular_stenosis",
+              "right_subarticular_stenosis"]
 LEVELS = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
 COLUMNS = [f"{condition}_{level}" for condition in CONDITIONS for level in LEVELS]
 SEVERITIES = ["Normal/Mild", "Moderate", "Severe"]
@@ -52,13 +52,11 @@ CLASS_WEIGHTS = [1.0, 2.0, 4.0]
 SUBMISSION_HEADER = ["row_id", "normal_mild", "moderate", "severe"]
 EPS = float(np.finfo(np.float64).eps)
 
-TITLE_CONDITIONS = {
-    "Spinal Canal Stenosis": "Sagittal T2/STIR",
-    "Left Neural Foraminal Narrowing": "Sagittal T1",
-    "Right Neural Foraminal Narrowing": "Sagittal T1",
-    "Left Subarticular Stenosis": "Axial T2",
-    "Right Subarticular Stenosis": "Axial T2",
-}
+TITLE_CONDITIONS = {"Spinal Canal Stenosis": "Sagittal T2/STIR",
+                    "Left Neural Foraminal Narrowing": "Sagittal T1",
+                    "Right Neural Foraminal Narrowing": "Sagittal T1",
+                    "Left Subarticular Stenosis": "Axial T2",
+                    "Right Subarticular Stenosis": "Axial T2"}
 TITLE_LEVELS = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
 DESCRIPTIONS = ["Sagittal T1", "Sagittal T2/STIR", "Axial T2"]
 TRAIN_HEADER = ["study_id"] + COLUMNS
@@ -192,14 +190,18 @@ def pixel_to_patient_mm(ds, col, row):
     iop = [float(v) for v in ds.ImageOrientationPatient]
     row_spacing, col_spacing = float(ds.PixelSpacing[0]), float(ds.PixelSpacing[1])
     u, v = iop[:3], iop[3:]
-    return np.array([ipp[i] + col * col_spacing * u[i] + row * row_spacing * v[i] for i in range(3)])
+    return np.array(
+        [ipp[i] + col * col_spacing * u[i] + row * row_spacing * v[i] for i in range(3)]
+    )
 
 
 def slice_normal(ds):
     ds = _dataset(ds)
     iop = [float(v) for v in ds.ImageOrientationPatient]
     u, v = iop[:3], iop[3:]
-    return np.array([u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]])
+    return np.array(
+        [u[1] * v[2] - u[2] * v[1], u[2] * v[0] - u[0] * v[2], u[0] * v[1] - u[1] * v[0]]
+    )
 
 
 def slice_plane_distance(ds, point_mm):
@@ -233,7 +235,8 @@ _DCM_NAME = re.compile(r"^([0-9]+)\.dcm$")
 
 
 def _read_rows(data_dir, name, header, problems):
-    """Rows of a CSV as lists of exact strings, or None when the file is missing or its header is wrong."""
+    """Rows of a CSV as lists of exact strings, or None when the file is missing or its header is
+    wrong."""
     path = Path(data_dir) / name
     if not path.is_file():
         problems.append(f"{name}: missing")
@@ -263,7 +266,7 @@ def _dicom_info(path, cache):
         cache[path] = (None, [f"unreadable by pydicom.dcmread ({type(error).__name__}: {error})"])
         return cache[path]
     try:
-        shape = (int(ds.Rows), int(ds.Columns))
+        shape = int(ds.Rows), int(ds.Columns)
         pixels = ds.pixel_array
         if tuple(pixels.shape) != shape:
             issues.append(f"pixel_array shape {pixels.shape} != (Rows, Columns) {shape}")
@@ -279,12 +282,13 @@ def _dicom_info(path, cache):
         issues.append(f"BitsAllocated {ds.get('BitsAllocated')} != 16")
     if ds.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
         issues.append(f"PhotometricInterpretation {ds.get('PhotometricInterpretation')}")
-    cache[path] = (shape, issues)
+    cache[path] = shape, issues
     return cache[path]
 
 
 def _check_series(data_dir, name, images, problems, cache):
-    """Checks a *_series_descriptions.csv against its image folder; returns {(study, series): description}."""
+    """Checks a *_series_descriptions.csv against its image folder; returns
+    {(study, series): description}."""
     rows = _read_rows(data_dir, name, SERIES_HEADER, problems)
     listed = {}
     for study, series, description in rows or []:
@@ -292,13 +296,17 @@ def _check_series(data_dir, name, images, problems, cache):
             problems.append(f"{name}: non-integer ids {study},{series}")
             continue
         if description not in DESCRIPTIONS:
-            problems.append(f"{name}: study {study} series {series}: bad description {description!r}")
+            problems.append(
+                f"{name}: study {study} series {series}: bad description {description!r}"
+            )
         if (study, series) in listed:
             problems.append(f"{name}: duplicate series {study}/{series}")
         listed[(study, series)] = description
         folder = Path(data_dir) / images / study / series
         if not folder.is_dir() or not any(folder.glob("*.dcm")):
-            problems.append(f"{name}: series {study}/{series} has no folder with .dcm files in {images}/")
+            problems.append(
+                f"{name}: series {study}/{series} has no folder with .dcm files in {images}/"
+            )
     root = Path(data_dir) / images
     if not root.is_dir():
         problems.append(f"{images}/: missing")
@@ -306,7 +314,9 @@ def _check_series(data_dir, name, images, problems, cache):
     for study_dir in sorted(root.iterdir()):
         for series_dir in sorted(study_dir.iterdir()) if study_dir.is_dir() else [study_dir]:
             if (study_dir.name, series_dir.name) not in listed:
-                problems.append(f"{images}/{study_dir.name}/{series_dir.name}: not listed in {name}")
+                problems.append(
+                    f"{images}/{study_dir.name}/{series_dir.name}: not listed in {name}"
+                )
             if not series_dir.is_dir():
                 continue
             for path in sorted(series_dir.iterdir()):
@@ -345,7 +355,9 @@ def _check_coordinates(data_dir, name, images, series, label_studies, problems, 
     """Checks a train_label_coordinates.csv-shaped file; returns its set of study ids."""
     rows = _read_rows(data_dir, name, COORD_HEADER, problems)
     seen, studies = set(), set()
-    for line, (study, series_id, instance, condition, level, x, y) in enumerate(rows or [], start=2):
+    for line, (study, series_id, instance, condition, level, x, y) in enumerate(
+        rows or [], start=2
+    ):
         where = f"{name}: line {line}"
         if not (_INT.match(study) and _INT.match(series_id) and _INT.match(instance)):
             problems.append(f"{where}: non-integer ids {study},{series_id},{instance}")
@@ -403,7 +415,10 @@ def _check_submission(data_dir, test_studies, problems):
             problems.append(f"{name}: {row_id}: values {probs} are not probabilities summing to 1")
         values.add(tuple(probs))
     if len(values) > 1:
-        problems.append(f"{name}: rows are not one constant placeholder ({len(values)} distinct; may leak truth)")
+        problems.append(
+            f"{name}: rows are not one constant placeholder "
+            f"({len(values)} distinct; may leak truth)"
+        )
     for study in sorted(set(found.values()) - test_studies):
         problems.append(f"{name}: study {study} is not a test study")
     for study in sorted(test_studies):
@@ -416,12 +431,16 @@ def check_layout(data_dir):
     """Problems (strings naming their file) of a folder in the competition layout; [] means OK."""
     data_dir = Path(data_dir)
     problems, cache = [], {}
-    train_series = _check_series(data_dir, "train_series_descriptions.csv", "train_images", problems, cache)
-    test_series = _check_series(data_dir, "test_series_descriptions.csv", "test_images", problems, cache)
+    train_series = _check_series(data_dir, "train_series_descriptions.csv", "train_images",
+                                 problems, cache)
+    test_series = _check_series(data_dir, "test_series_descriptions.csv", "test_images", problems,
+                                cache)
     train_rows = _read_rows(data_dir, "train.csv", TRAIN_HEADER, problems)
     train_studies = _check_labels(train_rows, "train.csv", train_series, problems)
-    coord_studies = _check_coordinates(data_dir, "train_label_coordinates.csv", "train_images", train_series,
-                                       train_studies if train_rows is not None else None, problems, cache)
+    coord_studies = _check_coordinates(data_dir, "train_label_coordinates.csv", "train_images",
+                                       train_series,
+                                       train_studies if train_rows is not None else None, problems,
+                                       cache)
     test_studies = {study for study, _ in test_series}
     _check_submission(data_dir, test_studies, problems)
     solution_studies = None
@@ -436,10 +455,17 @@ def check_layout(data_dir):
     for study in sorted(test_studies & train_studies):
         problems.append(f"train.csv: test study {study} has training labels (test truth leaks)")
     for study in sorted(test_studies & coord_studies):
-        problems.append(f"train_label_coordinates.csv: test study {study} has coordinates (test truth leaks)")
+        problems.append(
+            f"train_label_coordinates.csv: test study {study} has coordinates (test truth leaks)"
+        )
     for study in sorted(test_studies & {study for study, _ in train_series}):
-        problems.append(f"train_series_descriptions.csv: test study {study} is also a training study")
+        problems.append(
+            f"train_series_descriptions.csv: test study {study} is also a training study"
+        )
     for study, series in sorted(test_series):
         if series in train_series_ids:
-            problems.append(f"test_series_descriptions.csv: series {series} of {study} is also a training series")
+            problems.append(
+                f"test_series_descriptions.csv: series {series} of {study} "
+                "is also a training series"
+            )
     return problems

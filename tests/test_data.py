@@ -18,7 +18,8 @@ def _series_dir(tmp_path, names):
     return folder
 
 
-@pytest.mark.parametrize("variant", ["MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
+@pytest.mark.parametrize("variant",
+                         ["MR_small_RLE.dcm", "MR_small_bigendian.dcm", "MR_small_implicit.dcm"])
 def test_bundled_real_mr_variants_decode_to_identical_pixels(tmp_path, variant):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     reference = data.load_series(_series_dir(tmp_path / "a", ["MR_small.dcm"]))
@@ -31,7 +32,9 @@ def test_bundled_real_mr_variants_decode_to_identical_pixels(tmp_path, variant):
 
 def test_truncated_file_alone_gives_clear_error_naming_it(tmp_path):
     folder = _series_dir(tmp_path, ["MR_truncated.dcm"])
-    with pytest.warns(UserWarning, match="1.dcm"), pytest.raises(ValueError, match="no readable DICOM slice.*1.dcm"):
+    with pytest.warns(UserWarning, match="1.dcm"), pytest.raises(
+        ValueError, match="no readable DICOM slice.*1.dcm"
+    ):
         data.load_series(folder)
 
 
@@ -58,7 +61,9 @@ def _axial_stack(tmp_path, instance_numbers, z_values, **kwargs):
     folder.mkdir()
     for k, (instance, z) in enumerate(zip(instance_numbers, z_values)):
         pixels = np.full((8, 10), 100 + int(z), dtype=np.uint16)  # each slice's value encodes its z
-        write_frame(folder / f"{instance}.dcm", pixels, (-2.0, -3.0, z), instance=instance, **kwargs)
+        write_frame(
+            folder / f"{instance}.dcm", pixels, (-2.0, -3.0, z), instance=instance, **kwargs
+        )
     return folder
 
 
@@ -74,12 +79,10 @@ def test_spatial_order_ignores_instance_numbers(tmp_path, instances):
 
 def test_monochrome1_rescale_and_rle_give_true_values(tmp_path):
     truth = np.arange(6 * 7, dtype=np.float32).reshape(6, 7) * 10 + 500  # the intended intensities
-    cases = {
-        "plain": dict(pixels=truth),
-        "monochrome1": dict(pixels=65535 - truth, photometric="MONOCHROME1"),
-        "rescaled": dict(pixels=(truth + 1024) / 2, slope=2.0, intercept=-1024.0),
-        "rle": dict(pixels=truth, rle=True),
-    }
+    cases = {"plain": dict(pixels=truth),
+             "monochrome1": dict(pixels=65535 - truth, photometric="MONOCHROME1"),
+             "rescaled": dict(pixels=(truth + 1024) / 2, slope=2.0, intercept=-1024.0),
+             "rle": dict(pixels=truth, rle=True)}
     for name, kwargs in cases.items():
         folder = tmp_path / name
         folder.mkdir()
@@ -91,10 +94,13 @@ def test_mixed_frame_sizes_resized_with_consistent_geometry(tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     for k in range(3):
-        write_frame(folder / f"{k + 1}.dcm", np.zeros((20, 20)), (0, 0, k * 4.0), spacing=(1.0, 1.0), instance=k + 1)
-    # frame 4 covers the same field of view at twice the resolution, bright at one known patient point
+        write_frame(folder / f"{k + 1}.dcm", np.zeros((20, 20)), (0, 0, k * 4.0),
+                    spacing=(1.0, 1.0), instance=k + 1)
+    # frame 4 covers the same field of view at twice the resolution, bright at one known patient
+    # point
     fine = np.zeros((40, 40))
-    fine[22:24, 10:12] = 1000  # centre at fine pixel (col 10.5, row 22.5) -> patient x = -0.25 + 10.5*0.5
+    # centre at fine pixel (col 10.5, row 22.5) -> patient x = -0.25 + 10.5*0.5
+    fine[22:24, 10:12] = 1000
     write_frame(folder / "4.dcm", fine, (-0.25, -0.25, 12.0), spacing=(0.5, 0.5), instance=4)
     series = data.load_series(folder)
     assert series.volume.shape == (4, 20, 20)
@@ -102,7 +108,8 @@ def test_mixed_frame_sizes_resized_with_consistent_geometry(tmp_path):
     d, col, row = data.label_to_volume(series, 4, 10.5, 22.5)
     point = data.series_pixel_to_patient(series, d, col, row)
     np.testing.assert_allclose(point, [-0.25 + 10.5 * 0.5, -0.25 + 22.5 * 0.5, 12.0], atol=1e-9)
-    assert series.volume[3, int(round(row)), int(round(col))] > 100  # the bright spot is where geometry says
+    # the bright spot is where geometry says
+    assert (series.volume[3, int(round(row)), int(round(col))] > 100)
     np.testing.assert_allclose(series.pixel_spacing[3], [1.0, 1.0])
 
 
@@ -112,14 +119,19 @@ def test_cache_returns_same_series_and_notices_changed_files(tmp_path):
     cached = data.load_series(folder, cache_dir=tmp_path / "cache")
     for field in first.__dict__:
         np.testing.assert_array_equal(getattr(first, field), getattr(cached, field))
-    write_frame(folder / "2.dcm", np.full((8, 10), 7, dtype=np.uint16), (-2.0, -3.0, 5.0), instance=2)
+    write_frame(folder / "2.dcm", np.full((8, 10), 7, dtype=np.uint16), (-2.0, -3.0, 5.0),
+                instance=2)
     changed = data.load_series(folder, cache_dir=tmp_path / "cache")
     assert changed.volume[1, 0, 0] == 7
 
 
 def test_geometry_round_trips_and_known_point():
-    # known: axial frame, IPP (-100, -100, 30), 0.5 mm pixels; pixel (col 10, row 20) -> (-95, -90, 30)
-    np.testing.assert_allclose(data.pixel_to_patient([-100, -100, 30], [1, 0, 0, 0, 1, 0], [0.5, 0.5], 10, 20), [-95, -90, 30])
+    # known: axial frame, IPP (-100, -100, 30), 0.5 mm pixels; pixel
+    # (col 10, row 20) -> (-95, -90, 30)
+    np.testing.assert_allclose(
+        data.pixel_to_patient([-100, -100, 30], [1, 0, 0, 0, 1, 0], [0.5, 0.5], 10, 20),
+        [-95, -90, 30],
+    )
     rng = np.random.default_rng(0)
     for _ in range(20):
         u = rng.normal(size=3); u /= np.linalg.norm(u)
@@ -130,11 +142,14 @@ def test_geometry_round_trips_and_known_point():
         back_col, back_row, distance = data.patient_to_pixel(position, np.r_[u, v], spacing, point)
         np.testing.assert_allclose([back_col, back_row, distance], [col, row, 0], atol=1e-9)
     xy = rng.uniform(0, 100, size=(10, 2))
-    np.testing.assert_allclose(data.to_original(data.to_resized(xy, (120, 90), (64, 48)), (120, 90), (64, 48)), xy)
+    np.testing.assert_allclose(
+        data.to_original(data.to_resized(xy, (120, 90), (64, 48)), (120, 90), (64, 48)), xy
+    )
     # pixel-centre convention: image edges map to image edges, and halving puts the border between
     # original pixels 0 and 1 (x = 0.5) on the centre of resized pixel 0
     corners = [[-0.5, -0.5], [89.5, 119.5], [0.5, 0.5]]
-    np.testing.assert_allclose(data.to_resized(corners, (120, 90), (60, 45)), [[-0.5, -0.5], [44.5, 59.5], [0, 0]])
+    np.testing.assert_allclose(data.to_resized(corners, (120, 90), (60, 45)),
+                               [[-0.5, -0.5], [44.5, 59.5], [0, 0]])
 
 
 def test_read_labels_on_real_train_csv_keeps_empty_cells(shared_labels):
@@ -146,17 +161,23 @@ def test_read_labels_on_real_train_csv_keeps_empty_cells(shared_labels):
 
 
 def test_read_labels_names_file_line_and_bad_string(tmp_path):
-    frame = pd.DataFrame({"study_id": [1, 2], **{c: ["Normal/Mild", "Normal/Mild"] for c in data.LABEL_COLUMNS}})
+    frame = pd.DataFrame(
+        {"study_id": [1, 2], **{c: ["Normal/Mild", "Normal/Mild"] for c in data.LABEL_COLUMNS}}
+    )
     frame.loc[1, "left_subarticular_stenosis_l4_l5"] = "Severe "  # trailing space is tolerated
     frame.loc[1, "spinal_canal_stenosis_l2_l3"] = "Mild"
     frame.to_csv(tmp_path / "train.csv", index=False)
-    with pytest.raises(ValueError, match=r"train.csv: line 3, column spinal_canal_stenosis_l2_l3: unknown severity 'Mild'"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.csv: line 3, column spinal_canal_stenosis_l2_l3: unknown severity 'Mild'",
+    ):
         tables.read_labels(tmp_path / "train.csv")
 
 
 def test_read_coordinates_accepts_both_spellings(shared_labels, tmp_path):
     snake = tables.read_coordinates(shared_labels / "train_label_coordinates.fix01b.csv")
-    assert len(snake) == 48809 and set(snake["condition"]) == set(data.CONDITIONS) and set(snake["level"]) == set(data.LEVELS)
+    assert (len(snake) == 48809 and set(snake["condition"]) == set(data.CONDITIONS)
+            and set(snake["level"]) == set(data.LEVELS))
     title = snake.head(50).copy()
     title["condition"] = title["condition"].map(dict(zip(data.CONDITIONS, data.CONDITION_NAMES)))
     title["level"] = title["level"].map(dict(zip(data.LEVELS, data.LEVEL_NAMES)))
@@ -176,7 +197,9 @@ def test_series_descriptions_by_study_and_unknown_description(shared_labels, tmp
     assert 0 in counts and max(counts) >= 2  # some studies lack a type, some have two of one
     descriptions.loc[0, "series_description"] = "Sagittal T3"
     descriptions.to_csv(tmp_path / "s.csv", index=False)
-    with pytest.raises(ValueError, match=r"s.csv: line 2: unknown series_description 'Sagittal T3'"):
+    with pytest.raises(
+        ValueError, match=r"s.csv: line 2: unknown series_description 'Sagittal T3'"
+    ):
         tables.read_series_descriptions(tmp_path / "s.csv")
 
 

@@ -15,8 +15,12 @@ def _random_case(rng, n_studies, empty_share):
     labels = rng.choice(3, size=(n_studies, 25), p=[0.7, 0.2, 0.1])
     labels[rng.random(labels.shape) < empty_share] = data.MISSING
     study_ids = rng.choice(10**8, size=n_studies, replace=False)
-    probabilities = rng.dirichlet([1, 1, 1], size=(n_studies, 25)) * rng.uniform(0.5, 2, size=(n_studies, 25, 1))
-    return losses.labels_to_solution(study_ids, labels), losses.probabilities_to_submission(study_ids, probabilities)
+    probabilities = rng.dirichlet([1, 1, 1], size=(n_studies, 25)) * rng.uniform(
+        0.5, 2, size=(n_studies, 25, 1)
+    )
+    return losses.labels_to_solution(study_ids, labels), losses.probabilities_to_submission(
+        study_ids, probabilities
+    )
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -25,7 +29,9 @@ def test_score_matches_independent_reference_on_random_submissions(seed):
     solution, submission = _random_case(rng, n_studies=30, empty_share=0.05)
     assert (solution[data.LABEL_COLUMNS] == "").to_numpy().sum() > 0  # empty cells are in play
     submission = submission.sample(frac=1.0, random_state=seed)  # row order must not matter
-    assert losses.competition_score(solution, submission) == pytest.approx(reference_score(solution, submission), abs=1e-9)
+    assert losses.competition_score(solution, submission) == pytest.approx(
+        reference_score(solution, submission), abs=1e-9
+    )
 
 
 def test_hand_computed_single_study():
@@ -35,7 +41,8 @@ def test_hand_computed_single_study():
     solution = losses.labels_to_solution([1], labels)
     probabilities = np.tile([0.5, 0.25, 0.25], (1, 25, 1))
     submission = losses.probabilities_to_submission([1], probabilities)
-    spinal = (4 * 1 * -math.log(0.5) + 4 * -math.log(0.25)) / (4 + 4)  # four normal rows (w 1), one severe (w 4)
+    # four normal rows (w 1), one severe (w 4)
+    spinal = (4 * 1 * -math.log(0.5) + 4 * -math.log(0.25)) / (4 + 4)
     foraminal = subarticular = -math.log(0.5)
     any_severe = -math.log(0.25)  # label 1, prediction max severe 0.25, weight 4 (one study)
     expected = (spinal + foraminal + subarticular + any_severe) / 4
@@ -45,9 +52,12 @@ def test_hand_computed_single_study():
 def test_weighted_prior_reproduces_the_published_real_label_score(shared_labels):
     study_ids, labels = tables.read_labels(shared_labels / "train.csv")
     solution = pd.read_csv(shared_labels / "train.csv", dtype=str, keep_default_na=False)
-    ours = losses.probabilities_to_submission(study_ids, np.broadcast_to(losses.weighted_prior(labels), (len(study_ids), 25, 3)))
+    ours = losses.probabilities_to_submission(
+        study_ids, np.broadcast_to(losses.weighted_prior(labels), (len(study_ids), 25, 3))
+    )
     assert losses.competition_score(solution, ours) == pytest.approx(0.78971, abs=5e-6)
-    theirs = column_prior_submission(pd.read_csv(shared_labels / "train.csv"), class_weights=(1, 2, 4))
+    theirs = column_prior_submission(pd.read_csv(shared_labels / "train.csv"),
+                                     class_weights=(1, 2, 4))
     assert losses.competition_score(solution, theirs) == pytest.approx(0.78971, abs=5e-6)
 
 
@@ -70,7 +80,8 @@ def test_weighted_cross_entropy_masks_empty_labels_and_weights_classes():
     targets = torch.tensor([0, 1, 2, data.MISSING])
     log_p = logits.log_softmax(-1)
     expected = -(1 * log_p[0, 0] + 2 * log_p[1, 1] + 4 * log_p[2, 2]) / 7
-    assert losses.weighted_cross_entropy(logits, targets).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert losses.weighted_cross_entropy(logits, targets).item() == pytest.approx(expected.item(),
+                                                                                  rel=1e-6)
 
 
 def test_any_severe_loss_equals_the_metric_term():
@@ -82,9 +93,12 @@ def test_any_severe_loss_equals_the_metric_term():
     probabilities = np.tile([1 / 3, 1 / 3, 1 / 3], (6, 25, 1))
     probabilities[:, :5] = logits.softmax(-1).numpy()
     solution = losses.labels_to_solution(np.arange(6), labels)
-    metric = losses.condition_group_losses(solution, losses.probabilities_to_submission(np.arange(6), probabilities))
+    metric = losses.condition_group_losses(
+        solution, losses.probabilities_to_submission(np.arange(6), probabilities)
+    )
     all_logits = torch.zeros(6, 25, 3)
-    all_logits[:, :5] = logits  # the loss takes whole studies' rows and picks the spinal ones itself
+    # the loss takes whole studies' rows and picks the spinal ones itself
+    all_logits[:, :5] = logits
     loss = losses.any_severe_loss(all_logits.view(-1, 3), torch.tensor(labels).view(-1))
     assert loss.item() == pytest.approx(metric["any_severe_spinal"], rel=1e-5)
 
@@ -93,13 +107,16 @@ def test_collapse_is_named_for_a_group_graded_one_class_and_not_for_a_healthy_on
     rng = np.random.default_rng(0)
     labels = rng.choice(3, size=(20, 25), p=[0.7, 0.2, 0.1])
     labels[0, 0] = data.MISSING
-    healthy = np.where(rng.random((20, 25)) < 0.8, labels, rng.choice(3, size=(20, 25)))  # mostly right, not constant
+    # mostly right, not constant
+    healthy = np.where(rng.random((20, 25)) < 0.8, labels, rng.choice(3, size=(20, 25)))
     assert losses.collapsed_groups(labels, np.clip(healthy, 0, 2)) == {}
     collapsed = healthy.copy()
     collapsed[:, 0:5] = 1  # every spinal row graded Moderate
     collapsed[:, 15:25] = 2  # every subarticular row graded Severe
-    assert losses.collapsed_groups(labels, collapsed) == {"spinal": "Moderate", "subarticular": "Severe"}
-    one_class = np.zeros((20, 25), dtype=np.int64)  # a group whose truth is all one class cannot be said to collapse
+    assert losses.collapsed_groups(labels, collapsed) == {"spinal": "Moderate",
+                                                          "subarticular": "Severe"}
+    # a group whose truth is all one class cannot be said to collapse
+    one_class = np.zeros((20, 25), dtype=np.int64)
     assert losses.collapsed_groups(one_class, one_class) == {}
 
 
@@ -114,16 +131,22 @@ def test_fitted_temperatures_minimise_the_metric_on_the_rows_they_were_fitted_to
     temperatures = losses.fit_temperatures(overconfident, labels)
     solution = losses.labels_to_solution(np.arange(300), labels)
 
-    def metric(scale):  # the competition's own terms, each group's logits divided by its temperature times scale
+    # the competition's own terms, each group's logits divided by its temperature times scale
+    def metric(scale):
         t = np.repeat(np.asarray(temperatures) * scale, [5, 10, 10])[None, :, None]
         p = np.exp(overconfident / t)
-        return losses.condition_group_losses(solution, losses.probabilities_to_submission(np.arange(300), p / p.sum(-1, keepdims=True)))
+        return losses.condition_group_losses(
+            solution,
+            losses.probabilities_to_submission(np.arange(300), p / p.sum(-1, keepdims=True)),
+        )
 
     fitted, sharper, softer = metric(1.0), metric(0.85), metric(1.15)
     raw = metric(1 / np.asarray(temperatures))  # temperature 1: the model as it came
-    assert all(t > 1.5 for t in temperatures)  # three times too confident: the fit softens every group
+    # three times too confident: the fit softens every group
+    assert all(t > 1.5 for t in temperatures)
     for name in ("foraminal", "subarticular"):
         assert fitted[name] <= min(sharper[name], softer[name]) + 1e-9
-    spinal_pair = lambda m: m["spinal"] + m["any_severe_spinal"]  # noqa: E731 - the spinal temperature serves both terms
+    # noqa: E731 - the spinal temperature serves both terms
+    spinal_pair = lambda m: m["spinal"] + m["any_severe_spinal"]
     assert spinal_pair(fitted) <= min(spinal_pair(sharper), spinal_pair(softer)) + 1e-9
     assert np.mean(list(fitted.values())) < np.mean(list(raw.values()))

@@ -26,18 +26,25 @@ def tiny(tmp_path_factory):
 def trained(tiny, tmp_path_factory):
     """Both stages trained for one dry-run epoch: a run folder with every checkpoint."""
     run = tmp_path_factory.mktemp("run")
-    train_landmarks.main(_common(tiny, run) + ["--epochs", "1", "--dry-run", "--image-size", "64", "--overlays", "1"])
-    train_severity.main(_common(tiny, run) + ["--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2"])
+    train_landmarks.main(
+        _common(tiny, run) + ["--epochs", "1", "--dry-run", "--image-size", "64", "--overlays", "1"]
+    )
+    train_severity.main(
+        _common(tiny, run) + ["--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2"]
+    )
     return run
 
 
 def _common(folder, run):
-    return ["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"), "--num-workers", "0"]
+    return ["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"),
+            "--num-workers", "0"]
 
 
 def _infer(folder, run, split="test"):
-    infer.main(["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"), "--split", split,
-                "--severity-checkpoints", str(run / "severity_last.pt")])
+    infer.main(
+        ["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir", str(folder / "cache"),
+         "--split", split, "--severity-checkpoints", str(run / "severity_last.pt")]
+    )
     return pd.read_csv(run / "submission.csv")
 
 
@@ -46,7 +53,8 @@ def _assert_complete(submission, folder, split="test"):
     expected = {f"{s}_{c}" for s in study_ids for c in data.LABEL_COLUMNS}
     assert set(submission["row_id"]) == expected and len(submission) == len(expected)
     values = submission[data.SUBMISSION_COLUMNS].to_numpy()
-    assert np.isfinite(values).all() and (values > 0).all() and (values < 1).all() and np.allclose(values.sum(1), 1)
+    assert (np.isfinite(values).all() and (values > 0).all() and (values < 1).all()
+            and np.allclose(values.sum(1), 1))
     return study_ids
 
 
@@ -57,24 +65,35 @@ def test_scripts_run_end_to_end_and_write_logs_checkpoints_and_a_complete_submis
         assert (trained / f"landmarks_{tag}_last.pt").exists()
     assert any(name.startswith("overlay_") for name in os.listdir(trained))
     log = pd.read_csv(trained / "severity.csv")
-    assert len(log) == 1 and (trained / "severity_last.pt").exists() and np.isfinite(log["score"]).all()
-    assert (trained / "confusion_predicted_landmarks.png").exists()  # the honest validation ran end to end
-    pooled = pd.read_csv(trained / "validation_fold0.csv")  # its grades, ready to pool with other folds
-    assert len(pooled) % 25 == 0 and len(pooled) > 0 and np.allclose(pooled[data.SUBMISSION_COLUMNS].sum(axis=1), 1)
+    assert (len(log) == 1 and (trained / "severity_last.pt").exists()
+            and np.isfinite(log["val_loss"]).all())
+    # the honest validation ran end to end
+    assert (trained / "confusion_predicted_landmarks.png").exists()
+    # its grades, ready to pool with other folds
+    pooled = pd.read_csv(trained / "validation_fold0.csv")
+    assert (len(pooled) % 25 == 0 and len(pooled) > 0
+            and np.allclose(pooled[data.SUBMISSION_COLUMNS].sum(axis=1), 1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         study_ids = _assert_complete(_infer(tiny, trained), tiny)
     landmarks = tables.read_coordinates(trained / "landmarks_test.csv")
     sagittal = landmarks[~landmarks["condition"].str.contains("subarticular")]
-    assert len(sagittal) == 15 * len(study_ids)  # one epoch of training: the axial levels may miss their series
+    # one epoch of training: the axial levels may miss their series
+    assert len(sagittal) == 15 * len(study_ids)
     messages = " ".join(str(w.message) for w in caught)
     for study_id in study_ids:
-        found = set(landmarks.loc[landmarks["study_id"] == study_id, ["condition", "level"]].itertuples(index=False, name=None))
+        found = set(
+            landmarks.loc[landmarks["study_id"] == study_id, ["condition", "level"]].itertuples(
+                index=False, name=None
+            )
+        )
         for condition, level in data.COLUMN_POINTS:
-            assert (condition, level) in found or f"{condition}_{level}" in messages  # found, or a fallback named
+            # found, or a fallback named
+            assert (condition, level) in found or f"{condition}_{level}" in messages
 
 
-def test_missing_series_and_corrupt_file_still_give_every_row_and_a_warning_naming_them(trained, tmp_path):
+def test_missing_series_and_corrupt_file_still_give_every_row_and_a_warning_naming_them(trained,
+                                                                                        tmp_path):
     synthetic.make_dataset(str(tmp_path), 0, 3, seed=4, size=64, quirks=True, workers=1)
     quirks = pd.read_csv(tmp_path / "quirks.csv")
     missing = quirks[quirks["quirk"] == "missing_series"].iloc[0]
@@ -84,16 +103,22 @@ def test_missing_series_and_corrupt_file_still_give_every_row_and_a_warning_nami
         submission = _infer(tmp_path, trained)
     _assert_complete(submission, tmp_path)
     messages = [str(w.message) for w in caught]
-    lacking = data.SERIES_OF_CONDITION  # the missing series' rows must be named in a fallback warning
+    # the missing series' rows must be named in a fallback warning
+    lacking = data.SERIES_OF_CONDITION
     rows = [c for c in data.LABEL_COLUMNS if lacking[c[:-6]] == missing["series_description"]]
-    assert any(f"study {missing['study_id']}" in m and all(r in m for r in rows) for m in messages), messages
+    assert any(
+        f"study {missing['study_id']}" in m and all(r in m for r in rows) for m in messages
+    ), messages
     assert any(corrupt["detail"] in m and "unreadable" in m for m in messages), messages
 
 
 def test_landmark_overfit_mode_drives_the_loss_down(tiny, tmp_path):
     run = tmp_path / "overfit"
-    train_landmarks.main(_common(tiny, run) + ["--series-types", "sag_t2", "--overfit-batches", "1", "--batch-size", "2",
-                                               "--epochs", "40", "--warmup-steps", "5", "--image-size", "48", "--overlays", "0"])
+    train_landmarks.main(
+        _common(tiny, run)
+        + ["--series-types", "sag_t2", "--overfit-batches", "1", "--batch-size", "2", "--epochs",
+           "40", "--warmup-steps", "5", "--image-size", "48", "--overlays", "0"]
+    )
     losses = pd.read_csv(run / "landmarks_sag_t2.csv")["train_loss"].to_numpy()
     assert losses[-1] < 0.25 * losses[0], losses
 
@@ -102,12 +127,17 @@ def test_severity_overfit_mode_drives_the_loss_down(tiny, tmp_path):
     run = tmp_path / "overfit"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        train_severity.main(_common(tiny, run) + ["--overfit-batches", "1", "--batch-size", "2", "--epochs", "25",
-                                                  "--warmup-steps", "3", "--crop-px", "32"])
+        train_severity.main(
+            _common(tiny, run)
+            + ["--overfit-batches", "1", "--batch-size", "2", "--epochs", "25", "--warmup-steps",
+               "3", "--crop-px", "32"]
+        )
     log = pd.read_csv(run / "severity.csv", keep_default_na=False)
     losses = log["train_loss"].to_numpy()
     assert losses[-1] < 0.2 * losses[0], losses
-    assert log["collapsed"].iloc[-1] == "" and not [w for w in caught if "COLLAPSED" in str(w.message)]  # a healthy model
+    assert log["collapsed"].iloc[-1] == "" and not [
+        w for w in caught if "COLLAPSED" in str(w.message)
+    ]  # a healthy model
 
 
 def test_a_collapsed_severity_model_is_named_loudly(tiny, tmp_path, monkeypatch):
@@ -115,11 +145,18 @@ def test_a_collapsed_severity_model_is_named_loudly(tiny, tmp_path, monkeypatch)
     import models
 
     def one_class(self, crops, groups):  # grades every crop Moderate, whatever it shows
-        return torch.tensor([0.0, 5.0, 0.0]).expand(len(crops), 3) + 0 * sum(p.sum() for p in self.parameters())
+        return torch.tensor([0.0, 5.0, 0.0]).expand(len(crops), 3) + 0 * sum(
+            p.sum() for p in self.parameters()
+        )
 
     monkeypatch.setattr(models.SeverityNet, "forward", one_class)
-    with pytest.warns(UserWarning, match=r"COLLAPSED PREDICTIONS on the training studies at the last epoch: .*spinal:Moderate"):
-        train_severity.main(_common(tiny, tmp_path / "run") + ["--epochs", "2", "--all-studies", "--crop-px", "32"])
+    with pytest.warns(
+        UserWarning,
+        match=r"COLLAPSED PREDICTIONS on the training studies at the last epoch: .*spinal:Moderate",
+    ):
+        train_severity.main(
+            _common(tiny, tmp_path / "run") + ["--epochs", "2", "--all-studies", "--crop-px", "32"]
+        )
     log = pd.read_csv(tmp_path / "run" / "severity.csv", keep_default_na=False)
     assert all("spinal:Moderate" in c and "foraminal:Moderate" in c for c in log["collapsed"])
 
@@ -132,43 +169,69 @@ def test_listed_series_missing_on_disk_and_unlisted_folders_are_named(tiny, trai
     gone = listed[listed["series_description"] == "Axial T2"].iloc[0]
     shutil.rmtree(copy / "test_images" / str(gone["study_id"]) / str(gone["series_id"]))
     stray = copy / "test_images" / str(gone["study_id"]) / "123456789"
-    shutil.copytree(copy / "test_images" / str(gone["study_id"]) / str(listed.iloc[0]["series_id"]), stray)
+    shutil.copytree(copy / "test_images" / str(gone["study_id"]) / str(listed.iloc[0]["series_id"]),
+                    stray)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         submission = _infer(copy, trained)
     _assert_complete(submission, copy)
     messages = " ".join(str(w.message) for w in caught)
-    assert f"{gone['study_id']}/123456789" in messages and "not in test_series_descriptions.csv" in messages
-    assert f"Axial T2 series {copy / 'test_images' / str(gone['study_id']) / str(gone['series_id'])} unreadable" in messages
+    assert (f"{gone['study_id']}/123456789" in messages
+            and "not in test_series_descriptions.csv" in messages)
+    assert (
+        "Axial T2 series "
+        f"{copy / 'test_images' / str(gone['study_id']) / str(gone['series_id'])} unreadable"
+        in messages
+    )
     assert f"study {gone['study_id']}: 10 rows fall back to the training prior" in messages
-    assert all(f"{side}_subarticular_stenosis_{level}" in messages for side in ("left", "right") for level in data.LEVELS)
+    assert all(
+        f"{side}_subarticular_stenosis_{level}" in messages
+        for side in ("left", "right")
+        for level in data.LEVELS
+    )
 
 
 def _torchrun(script, args, processes):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               os.path.join(root, script), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", os.path.join(root, script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     return done.stdout
 
 
-def test_training_under_torchrun_with_two_gloo_processes_matches_one_process(tiny, trained, tmp_path):
-    common = _common(tiny, tmp_path / "x")[:2] + ["--cache-dir", str(tiny / "cache"), "--num-workers", "0", "--landmark-dir",
-                                                  str(trained), "--epochs", "3", "--dry-run", "--crop-px", "32", "--lr", "3e-4"]
+def test_training_under_torchrun_with_two_gloo_processes_matches_one_process(
+    tiny, trained, tmp_path
+):
+    common = _common(tiny, tmp_path / "x")[:2] + ["--cache-dir", str(tiny / "cache"),
+                                                  "--num-workers", "0", "--landmark-dir",
+                                                  str(trained), "--epochs", "3", "--dry-run",
+                                                  "--crop-px", "32", "--lr", "3e-4"]
     out = lambda name: ["--out-dir", str(tmp_path / name)]  # noqa: E731
-    _torchrun("train_severity.py", common[2:] + ["--data-dir", str(tiny)] + out("two") + ["--batch-size", "1"], 2)
-    _torchrun("train_severity.py", common[2:] + ["--data-dir", str(tiny)] + out("one") + ["--batch-size", "2"], 1)
+    _torchrun("train_severity.py",
+              common[2:] + ["--data-dir", str(tiny)] + out("two") + ["--batch-size", "1"], 2)
+    _torchrun("train_severity.py",
+              common[2:] + ["--data-dir", str(tiny)] + out("one") + ["--batch-size", "2"], 1)
     two, one = (pd.read_csv(tmp_path / name / "severity.csv") for name in ("two", "one"))
-    assert len(two) == len(one) == 3 and two["step"].tolist() == one["step"].tolist()  # one log, written by rank 0 only
-    print("torchrun x2 scores", two["score"].tolist(), "one process", one["score"].tolist())
-    assert abs(two["score"].iloc[-1] - one["score"].iloc[-1]) < 0.25, (two["score"].tolist(), one["score"].tolist())
-    landmark_log = _torchrun("train_landmarks.py", ["--data-dir", str(tiny), "--cache-dir", str(tiny / "cache"), "--num-workers", "0",
-                                                    "--series-types", "sag_t2", "--epochs", "1", "--image-size", "48",
-                                                    "--overlays", "0"] + out("landmarks"), 2)
-    assert landmark_log.count("sag_t2: ") == 1 and len(pd.read_csv(tmp_path / "landmarks" / "landmarks_sag_t2.csv")) == 1
+    # one log, written by rank 0 only
+    assert (len(two) == len(one) == 3 and two["step"].tolist() == one["step"].tolist())
+    print("torchrun x2 scores", two["val_loss"].tolist(), "one process", one["val_loss"].tolist())
+    assert abs(two["val_loss"].iloc[-1] - one["val_loss"].iloc[-1]) < 0.25, (
+        two["val_loss"].tolist(),
+        one["val_loss"].tolist(),
+    )
+    landmark_log = _torchrun(
+        "train_landmarks.py",
+        ["--data-dir", str(tiny), "--cache-dir", str(tiny / "cache"), "--num-workers", "0",
+         "--series-types", "sag_t2", "--epochs", "1", "--image-size", "48", "--overlays", "0"]
+        + out("landmarks"),
+        2,
+    )
+    assert (landmark_log.count("sag_t2: ") == 1
+            and len(pd.read_csv(tmp_path / "landmarks" / "landmarks_sag_t2.csv")) == 1)
 
 
 def test_a_series_type_without_labels_is_skipped_with_a_warning_not_a_crash(tiny, tmp_path):
@@ -176,24 +239,37 @@ def test_a_series_type_without_labels_is_skipped_with_a_warning_not_a_crash(tiny
     copy = tmp_path / "no_axial_labels"
     shutil.copytree(tiny, copy, ignore=shutil.ignore_patterns("cache"))
     coordinates = pd.read_csv(copy / "train_label_coordinates.csv")
-    coordinates[~coordinates["condition"].str.contains("Subarticular")].to_csv(copy / "train_label_coordinates.csv", index=False)
+    coordinates[~coordinates["condition"].str.contains("Subarticular")].to_csv(
+        copy / "train_label_coordinates.csv", index=False
+    )
     with pytest.warns(UserWarning, match="axial: no labelled Axial T2 series to train on"):
-        train_landmarks.main(_common(copy, tmp_path / "run") + ["--series-types", "axial", "--epochs", "1", "--image-size", "48"])
+        train_landmarks.main(_common(copy, tmp_path / "run")
+                             + ["--series-types", "axial", "--epochs", "1", "--image-size", "48"])
     assert not (tmp_path / "run" / "landmarks_axial_last.pt").exists()
 
 
-def test_honest_validation_says_loudly_when_it_cannot_run_and_refuses_landmarks_that_saw_the_fold(tiny, trained, tmp_path):
+def test_honest_validation_says_loudly_when_it_cannot_run_and_refuses_landmarks_that_saw_the_fold(
+    tiny, trained, tmp_path
+):
     flags = ["--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2"]
     with pytest.warns(UserWarning, match="NO HONEST VALIDATION: no landmark checkpoints"):
         result = train_severity.main(_common(tiny, tmp_path / "alone") + flags)
     assert "predicted_landmarks" not in result and "true_landmarks" in result
     seen = tmp_path / "seen"
-    train_landmarks.main(_common(tiny, seen) + ["--series-types", "sag_t2", "--epochs", "1", "--dry-run", "--image-size", "48",
-                                                "--all-studies", "--overlays", "0"])
-    with pytest.raises(ValueError, match="trained on --all-studies, so it has seen validation studies of fold 0"):
+    train_landmarks.main(
+        _common(tiny, seen)
+        + ["--series-types", "sag_t2", "--epochs", "1", "--dry-run", "--image-size", "48",
+           "--all-studies", "--overlays", "0"]
+    )
+    with pytest.raises(
+        ValueError, match="trained on --all-studies, so it has seen validation studies of fold 0"
+    ):
         train_severity.main(_common(tiny, tmp_path / "a") + flags + ["--landmark-dir", str(seen)])
-    with pytest.raises(ValueError, match="trained on fold 0 of 5, so it has seen validation studies of fold 1"):
-        train_severity.main(_common(tiny, tmp_path / "b") + flags + ["--landmark-dir", str(trained), "--fold", "1"])
+    with pytest.raises(ValueError,
+                       match="trained on fold 0 of 5, so it has seen validation studies of fold 1"):
+        train_severity.main(
+            _common(tiny, tmp_path / "b") + flags + ["--landmark-dir", str(trained), "--fold", "1"]
+        )
 
 
 def test_inference_only_recipe_runs_with_just_the_files_the_readme_lists(tiny, trained, tmp_path):
@@ -204,40 +280,49 @@ def test_inference_only_recipe_runs_with_just_the_files_the_readme_lists(tiny, t
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()
     files = re.search(r"^cp ((?:\w+\.py )+)code/$", readme, flags=re.M).group(1).split()
-    assert "infer.py" in files and "train_landmarks.py" not in files and "train_severity.py" not in files
+    assert ("infer.py" in files and "train_landmarks.py" not in files
+            and "train_severity.py" not in files)
     code = tmp_path / "code"
     code.mkdir()
     for name in files:
         shutil.copy(os.path.join(root, name), code / name)
-    command = [sys.executable, str(code / "infer.py"), "--data-dir", str(tiny), "--out-dir", str(tmp_path / "out"),
-               "--cache-dir", str(tmp_path / "cache"), "--landmark-dir", str(trained),
-               "--severity-checkpoints", str(trained / "severity_last.pt")]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    command = [sys.executable, str(code / "infer.py"), "--data-dir", str(tiny), "--out-dir",
+               str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--landmark-dir",
+               str(trained), "--severity-checkpoints", str(trained / "severity_last.pt")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     _assert_complete(pd.read_csv(tmp_path / "out" / "submission.csv"), tiny)
 
 
-def test_an_epoch_with_no_step_returns_its_learning_rate_instead_of_crashing():
-    import torch
+def test_an_epoch_with_no_step_logs_its_learning_rate_instead_of_crashing(tmp_path):
+    """No study has a labelled point, so no batch has a crop and no step is taken: each epoch still
+    logs the schedule's learning rate at step 0 and a NaN training loss."""
     import training
-    args = train_severity.parse_args(["--data-dir", "x", "--out-dir", "y", "--epochs", "2"])
-    model = torch.nn.Linear(1, 3)
-    optimizer = torch.optim.AdamW(model.parameters())
-    ctx, scaler = training.autocast_context(torch.device("cpu"), False)
-    runtime = training.Runtime(0, 1, torch.device("cpu"))
-    for script in (train_severity, train_landmarks):
-        extra = ("sag_t2",) if script is train_landmarks else ()
-        step, stats = script.train_epoch(model, [], optimizer, scaler, ctx, *extra, 0, 5, 10, 0, args, runtime)
-        assert step == 5 and stats["lr"] == training.get_lr(5, 10, args.warmup_steps, args.lr) and np.isnan(stats["train_loss"])
+    synthetic.make_dataset(str(tmp_path), 4, 0, seed=6, size=64, workers=1)
+    coordinates = pd.read_csv(tmp_path / "train_label_coordinates.csv")
+    coordinates.iloc[:0].to_csv(tmp_path / "train_label_coordinates.csv", index=False)
+    run = tmp_path / "run"
+    train_severity.main(_common(tmp_path, run) + ["--all-studies", "--epochs", "2",
+                                                  "--crop-px", "32", "--n-slices", "1"])
+    log = pd.read_csv(run / "severity.csv")
+    args = train_severity.parse_args(["--data-dir", "x", "--out-dir", "y"])
+    assert log["step"].tolist() == [0, 0] and log["train_loss"].isna().all()
+    assert np.allclose(log["lr"], training.get_lr(0, 2, args.warmup_steps, args.lr))
 
 
-def test_a_level_outside_every_axial_series_falls_back_to_the_prior_with_a_warning(trained, tmp_path, monkeypatch):
-    import models
+def test_a_level_outside_every_axial_series_falls_back_to_the_prior_with_a_warning(
+    trained, tmp_path, monkeypatch
+):
+    import predict
     synthetic.make_dataset(str(tmp_path), 0, 4, seed=8, size=64, workers=1, split_axial=1.0)
     quirks = pd.read_csv(tmp_path / "quirks.csv")
-    split = quirks[quirks["quirk"] == "split_axial_levels"].iloc[0]  # its upper levels are on split.series_id alone
+    # its upper levels are on split.series_id alone
+    split = quirks[quirks["quirk"] == "split_axial_levels"].iloc[0]
     listed = pd.read_csv(tmp_path / "test_series_descriptions.csv")
-    listed[listed["series_id"] != split["series_id"]].to_csv(tmp_path / "test_series_descriptions.csv", index=False)
+    listed[listed["series_id"] != split["series_id"]].to_csv(
+        tmp_path / "test_series_descriptions.csv", index=False
+    )
     truth = tables.read_coordinates(tmp_path / "solution_coordinates.csv")
     upper = sorted(set(truth.loc[truth["series_id"] == split["series_id"], "level"]))
     canal = truth[truth["condition"] == "spinal_canal_stenosis"]
@@ -246,61 +331,94 @@ def test_a_level_outside_every_axial_series_falls_back_to_the_prior_with_a_warni
         series_id = next(k for k, s in study.items() if s.series_type == "Sagittal T2/STIR")
         rows = canal[canal["series_id"] == series_id].set_index("level").loc[data.LEVELS]
         series = study[series_id].series
-        return np.stack([data.series_pixel_to_patient(series, *data.label_to_volume(series, r.instance_number, r.x, r.y))
-                         for r in rows.itertuples()])
+        return np.stack(
+            [
+                data.series_pixel_to_patient(
+                    series, *data.label_to_volume(series, r.instance_number, r.x, r.y)
+                )
+                for r in rows.itertuples()
+            ]
+        )
 
-    monkeypatch.setattr(models, "level_points_mm", true_level_points)
+    monkeypatch.setattr(predict, "level_points_mm", true_level_points)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _assert_complete(_infer(tmp_path, trained), tmp_path)
-    message = next(str(w.message) for w in caught if f"study {split['study_id']}:" in str(w.message))
+    message = next(
+        str(w.message) for w in caught if f"study {split['study_id']}:" in str(w.message)
+    )
     assert 0 < len(upper) < len(data.LEVELS)
-    for level, level_name in zip(data.LEVELS, data.LEVEL_NAMES):  # exactly the removed series' levels fall back, named
-        assert (f"level {level_name} lies outside every Axial T2 series" in message) == (level in upper), message
+    # exactly the removed series' levels fall back, named
+    for level, level_name in zip(data.LEVELS, data.LEVEL_NAMES):
+        assert (f"level {level_name} lies outside every Axial T2 series" in message) == (
+            level in upper
+        ), message
         assert (f"right_subarticular_stenosis_{level}" in message) == (level in upper), message
 
 
-def test_members_train_on_complementary_folds_and_one_checkpoint_holds_them_with_their_temperatures(tiny, trained, tmp_path):
-    import models
+def test_members_train_on_complementary_folds_and_one_checkpoint_holds_them_with_their_temperatures(
+    tiny, trained, tmp_path
+):
+    import predict
     import torch
     entries = train_severity.labelled_studies(str(tiny))
     splits = train_severity.member_splits(entries, 2)
     held_out = [e.study_id for _, left_out in splits for e in left_out]
-    assert sorted(held_out) == sorted(e.study_id for e in entries)  # every study left out exactly once
+    # every study left out exactly once
+    assert sorted(held_out) == sorted(e.study_id for e in entries)
     for fit, left_out in splits:
-        assert {e.study_id for e in fit} == {e.study_id for e in entries} - {e.study_id for e in left_out}
+        assert {e.study_id for e in fit} == {e.study_id for e in entries} - {
+            e.study_id for e in left_out
+        }
     run = tmp_path / "members"
-    train_severity.main(_common(tiny, run) + ["--members", "2", "--epochs", "1", "--all-studies", "--crop-px", "32",
-                                              "--landmark-dir", str(trained)])
+    train_severity.main(
+        _common(tiny, run)
+        + ["--members", "2", "--epochs", "1", "--all-studies", "--crop-px", "32", "--landmark-dir",
+           str(trained)]
+    )
     checkpoint = torch.load(run / "severity_best.pt", weights_only=False)
-    assert len(checkpoint["members"]) == 2 and len(checkpoint["temperatures"]) == 3 and min(checkpoint["temperatures"]) > 0
+    assert (len(checkpoint["members"]) == 2 and len(checkpoint["temperatures"]) == 3
+            and min(checkpoint["temperatures"]) > 0)
     assert all((run / f"severity_member{k}.csv").exists() for k in range(2))
-    severity_models, prior = models.load_severity_models([str(run / "severity_best.pt")], torch.device("cpu"))
+    severity_models, prior = predict.load_severity_models([str(run / "severity_best.pt")],
+                                                          torch.device("cpu"))
     assert len(severity_models) == 2 and prior.shape == (25, 3)
-    infer.main(["--data-dir", str(tiny), "--out-dir", str(run), "--cache-dir", str(tiny / "cache"), "--landmark-dir", str(trained)])
+    infer.main(
+        ["--data-dir", str(tiny), "--out-dir", str(run), "--cache-dir", str(tiny / "cache"),
+         "--landmark-dir", str(trained)]
+    )
     _assert_complete(pd.read_csv(run / "submission.csv"), tiny)
 
 
 def test_eval_mode_grades_what_training_fitted_when_most_rows_have_no_landmark(tmp_path):
-    """Only the 5 canal rows of each study are labelled (as on the real stenosis set): training must not forward
-    stand-in images for the other 20, or BatchNorm learns batch statistics that eval mode never sees. Overfit one
-    unaugmented batch, then grade the same studies in eval mode: the loss must be what training reached."""
+    """Only the 5 canal rows of each study are labelled (as on the real stenosis set): training must
+    not forward stand-in images for the other 20, or BatchNorm learns batch statistics that eval
+    mode never sees. Overfit one unaugmented batch, then grade the same studies in eval mode: the
+    loss must be what training reached.
+    """
     synthetic.make_dataset(str(tmp_path), 4, 0, seed=5, size=64, workers=1)
     labels = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
     for column in data.LABEL_COLUMNS[data.N_LEVELS:]:
         labels[column] = ""
     labels.to_csv(tmp_path / "train.csv", index=False)
     coordinates = pd.read_csv(tmp_path / "train_label_coordinates.csv")
-    coordinates[coordinates["condition"] == "Spinal Canal Stenosis"].to_csv(tmp_path / "train_label_coordinates.csv",
-                                                                           index=False)
+    coordinates[coordinates["condition"] == "Spinal Canal Stenosis"].to_csv(
+        tmp_path / "train_label_coordinates.csv", index=False
+    )
     run = tmp_path / "run"
-    train_severity.main(_common(tmp_path, run) + ["--all-studies", "--overfit-batches", "1", "--epochs", "8",
-                                                  "--crop-px", "32", "--n-slices", "3", "--lr", "3e-3"])
+    train_severity.main(
+        _common(tmp_path, run)
+        + ["--all-studies", "--overfit-batches", "1", "--epochs", "8", "--crop-px", "32",
+           "--n-slices", "3", "--lr", "3e-3"]
+    )
     fitted = pd.read_csv(run / "severity.csv")["train_loss"].min()
-    infer.main(["--data-dir", str(tmp_path), "--out-dir", str(run), "--cache-dir", str(tmp_path / "cache"),
-                "--split", "train", "--true-landmarks", "--no-score"])
+    infer.main(
+        ["--data-dir", str(tmp_path), "--out-dir", str(run), "--cache-dir", str(tmp_path / "cache"),
+         "--split", "train", "--true-landmarks", "--no-score"]
+    )
     solution = pd.read_csv(tmp_path / "train.csv", dtype=str, keep_default_na=False)
     graded = losses.condition_group_losses(solution, pd.read_csv(run / "submission.csv"))["spinal"]
     first = pd.read_csv(run / "severity.csv")["train_loss"].iloc[0]
     assert fitted < 0.5 * first  # training did fit the batch
-    assert graded < 1.5 * fitted + 0.05, (graded, fitted)  # eval mode grades as training fitted (was 0.30 vs 0.00)
+    # eval mode grades as training fitted (was 0.30 vs 0.00)
+    assert graded < 1.5 * fitted + 0.05, (graded, fitted)

@@ -1,5 +1,8 @@
-"""What real data brings and small synthetic studies hide: labels spread over several series of a type, and a
-series cache that must fit the disk, survive a full or read-only folder, and be shared by several processes."""
+"""What real data brings and small synthetic studies hide: labels spread over several series of a
+type, and a series cache that must fit the disk, survive a full or read-only folder, and be shared
+by several processes.
+"""
+
 import errno
 import multiprocessing
 import os
@@ -14,7 +17,7 @@ import torch
 import cache
 import data
 import inputs
-import models
+import predict
 import synthetic
 import train_severity
 from conftest import write_frame
@@ -22,11 +25,14 @@ from conftest import write_frame
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
-    """Four small training studies whose axial labels are all spread over two series: with this seed two have their
-    levels apart and two their sides (checked below)."""
+    """Four small training studies whose axial labels are all spread over two series: with this seed
+    two have their levels apart and two their sides (checked below)."""
     out = tmp_path_factory.mktemp("split")
     synthetic.make_dataset(str(out), 4, 0, seed=3, size=48, workers=1, split_axial=1.0)
-    assert sorted(pd.read_csv(out / "quirks.csv")["quirk"]) == ["split_axial_levels"] * 2 + ["split_axial_sides"] * 2
+    assert (
+        sorted(pd.read_csv(out / "quirks.csv")["quirk"])
+        == ["split_axial_levels"] * 2 + ["split_axial_sides"] * 2
+    )
     return out
 
 
@@ -35,7 +41,8 @@ def _series_dir(tmp_path, frames=6, size=32, seed=0):
     folder.mkdir()
     rng = np.random.default_rng(seed)
     for k in range(frames):
-        write_frame(folder / f"{k + 1}.dcm", rng.integers(0, 3000, (size, size)), (0, 0, 4.0 * k), instance=k + 1)
+        write_frame(folder / f"{k + 1}.dcm", rng.integers(0, 3000, (size, size)), (0, 0, 4.0 * k),
+                    instance=k + 1)
     return folder
 
 
@@ -54,63 +61,96 @@ def test_every_label_is_cropped_from_its_own_series(split):
         for name, landmark in landmarks.items():
             point = entry.points[name]
             assert landmark.series_id == point.series_id
-            assert study[landmark.series_id].series.instance_numbers[landmark.slice] == point.instance_number
+            assert (
+                study[landmark.series_id].series.instance_numbers[landmark.slice]
+                == point.instance_number
+            )
     assert spread == len(entries)  # the fixture really spreads every study's axial labels
     settings = dict(n_slices=3, crop_px=16, crop_mm=[30.0, 30.0, 30.0])
-    args = train_severity.parse_args(["--data-dir", str(split), "--out-dir", "x", "--cache-dir", str(split / "cache")])
+    args = train_severity.parse_args(
+        ["--data-dir", str(split), "--out-dir", "x", "--cache-dir", str(split / "cache")]
+    )
     dataset = train_severity.StudyCrops(entries, settings, args, augment=True)
-    assert all(dataset[i][5] == 0 for i in range(len(entries)))  # jitter never moves a crop off its series
+    # jitter never moves a crop off its series
+    assert all(dataset[i][5] == 0 for i in range(len(entries)))
 
 
 def test_same_seed_with_and_without_split_writes_the_same_patients(split, tmp_path):
-    """Split-vs-single comparisons are paired: --split-axial 0 with the same seed writes the same patients, grades and
-    sagittal series, and a sides-split study keeps its left labels on the same axial series as its single version."""
+    """Split-vs-single comparisons are paired: --split-axial 0 with the same seed writes the same
+    patients, grades and sagittal series, and a sides-split study keeps its left labels on the same
+    axial series as its single version.
+    """
     synthetic.make_dataset(str(tmp_path), 4, 0, seed=3, size=48, workers=1, split_axial=0.0)
     assert (tmp_path / "train.csv").read_text() == (split / "train.csv").read_text()
     single = pd.read_csv(tmp_path / "train_label_coordinates.csv")
     spread = pd.read_csv(split / "train_label_coordinates.csv")
     sagittal = ~single["condition"].str.contains("Subarticular")
-    pd.testing.assert_frame_equal(single[sagittal].reset_index(drop=True), spread[sagittal].reset_index(drop=True))
+    pd.testing.assert_frame_equal(single[sagittal].reset_index(drop=True),
+                                  spread[sagittal].reset_index(drop=True))
     sides = pd.read_csv(split / "quirks.csv").query("quirk == 'split_axial_sides'")["study_id"]
     left = single["study_id"].isin(sides) & single["condition"].str.startswith("Left Subarticular")
-    pd.testing.assert_frame_equal(single[left].reset_index(drop=True), spread[left].reset_index(drop=True))
+    pd.testing.assert_frame_equal(single[left].reset_index(drop=True),
+                                  spread[left].reset_index(drop=True))
     series = single.loc[sagittal].iloc[0]
     folder = f"train_images/{series.study_id}/{series.series_id}/{series.instance_number}.dcm"
-    assert np.array_equal(pydicom.dcmread(tmp_path / folder).pixel_array, pydicom.dcmread(split / folder).pixel_array)
+    assert np.array_equal(pydicom.dcmread(tmp_path / folder).pixel_array,
+                          pydicom.dcmread(split / folder).pixel_array)
 
 
 def _axial_series(z_positions, size=100):
-    """An axial stack (columns toward the patient's left, rows posterior), 1 mm pixels, centred on x = y = 0."""
+    """An axial stack (columns toward the patient's left, rows posterior), 1 mm pixels, centred
+    on x = y = 0."""
     depth = len(z_positions)
-    return data.Series(volume=np.zeros((depth, size, size), np.float32), instance_numbers=np.arange(1, depth + 1),
-                       positions=np.array([[-49.5, -49.5, z] for z in z_positions]), orientations=np.tile([1.0, 0, 0, 0, 1, 0], (depth, 1)),
-                       pixel_spacing=np.ones((depth, 2)), original_sizes=np.tile([size, size], (depth, 1)),
+    return data.Series(volume=np.zeros((depth, size, size), np.float32),
+                       instance_numbers=np.arange(1, depth + 1),
+                       positions=np.array([[-49.5, -49.5, z] for z in z_positions]),
+                       orientations=np.tile([1.0, 0, 0, 0, 1, 0], (depth, 1)),
+                       pixel_spacing=np.ones((depth, 2)),
+                       original_sizes=np.tile([size, size], (depth, 1)),
                        stack_ids=np.zeros(depth, np.int64), intensity_range=np.array([0.0, 1.0]))
 
 
 def test_covering_slice_is_the_nearest_within_two_slice_gaps():
     series = _axial_series([10.0, 14.0, 18.0])
     assert data.covering_slice(series, [0, 0, 13.0]) == (1, 1.0)
-    assert data.covering_slice(series, [0, 0, 25.9])[0] == 2  # within two gaps (8 mm) past the last slice
-    assert data.covering_slice(series, [0, 0, 26.5]) is None and data.covering_slice(series, [0, 0, 1.0]) is None
+    # within two gaps (8 mm) past the last slice
+    assert (data.covering_slice(series, [0, 0, 25.9])[0] == 2)
+    assert (data.covering_slice(series, [0, 0, 26.5]) is None
+            and data.covering_slice(series, [0, 0, 1.0]) is None)
     assert data.covering_slice(series, [80.0, 0, 14.0]) is None  # outside the field of view
 
 
-def test_each_level_comes_from_the_axial_series_that_covers_it_and_an_uncovered_one_is_named(monkeypatch):
-    upper, lower = _axial_series([16.0 + 4 * k for k in range(9)]), _axial_series([-28.0 + 4 * k for k in range(7)])
-    sagittal = _axial_series([0.0])  # one sagittal slice at x = 0: columns run posterior, rows inferior from z = 60
+def test_each_level_comes_from_the_axial_series_that_covers_it_and_an_uncovered_one_is_named(
+    monkeypatch,
+):
+    upper, lower = _axial_series([16.0 + 4 * k for k in range(9)]), _axial_series(
+        [-28.0 + 4 * k for k in range(7)]
+    )
+    # one sagittal slice at x = 0: columns run posterior, rows inferior from z = 60
+    sagittal = _axial_series([0.0])
     sagittal.positions[:], sagittal.orientations[:] = [0.0, -49.5, 60.0], [0, 1, 0, 0, 0, -1]
-    study = {1: data.StudySeries("Sagittal T2/STIR", 1, sagittal), 2: data.StudySeries("Axial T2", 2, upper),
-             3: data.StudySeries("Axial T2", 3, lower)}
-    level_z = np.array([40.0, 20.0, 0.0, -20.0, -40.0])  # L1/L2 .. L5/S1; the upper series covers 16..48 mm, the lower -28..-4
-    canal = np.stack([np.zeros(5), np.full(5, 49.5), 60.0 - level_z], axis=1)  # (slice, col, row) of x = y = 0 at each level
-    monkeypatch.setattr(models, "predict_sagittal", lambda model, series, size, device, where=None: (canal, np.ones(5)))
-    monkeypatch.setattr(models, "predict_axial", lambda model, series, d, size, device: (np.array([[60.0, 50], [40, 50]]), np.ones(2)))
-    landmark_models = {"sag_t2": (object(), dict(image_size=32)), "axial": (object(), dict(image_size=32))}
-    found, notes = models.predict_landmarks(landmark_models, study, torch.device("cpu"))
-    chosen = {level: found[("left_subarticular_stenosis", level)] for level in data.LEVELS if ("left_subarticular_stenosis", level) in found}
-    assert {level: lm.series_id for level, lm in chosen.items()} == {"l1_l2": 2, "l2_l3": 2, "l3_l4": 3, "l4_l5": 3}
-    assert upper.positions[chosen["l1_l2"].slice, 2] == 40.0 and lower.positions[chosen["l4_l5"].slice, 2] == -20.0
+    study = {1: data.StudySeries("Sagittal T2/STIR", 1, sagittal),
+             2: data.StudySeries("Axial T2", 2, upper), 3: data.StudySeries("Axial T2", 3, lower)}
+    # L1/L2 .. L5/S1; the upper series covers 16..48 mm, the lower -28..-4
+    level_z = np.array([40.0, 20.0, 0.0, -20.0, -40.0])
+    # (slice, col, row) of x = y = 0 at each level
+    canal = np.stack([np.zeros(5), np.full(5, 49.5), 60.0 - level_z], axis=1)
+    monkeypatch.setattr(predict, "predict_sagittal", lambda model, series, size, device,
+                        allowed_cells=None: (canal, np.ones(5)))
+    monkeypatch.setattr(predict, "predict_axial", lambda model, series, d, size,
+                        device: (np.array([[60.0, 50], [40, 50]]), np.ones(2)))
+    landmark_models = {"sag_t2": (object(), dict(image_size=32)),
+                       "axial": (object(), dict(image_size=32))}
+    found, notes = predict.predict_landmarks(landmark_models, study, torch.device("cpu"))
+    chosen = {
+        level: found[("left_subarticular_stenosis", level)]
+        for level in data.LEVELS
+        if ("left_subarticular_stenosis", level) in found
+    }
+    assert {level: lm.series_id for level, lm in chosen.items()} == {"l1_l2": 2, "l2_l3": 2,
+                                                                     "l3_l4": 3, "l4_l5": 3}
+    assert (upper.positions[chosen["l1_l2"].slice, 2] == 40.0
+            and lower.positions[chosen["l4_l5"].slice, 2] == -20.0)
     assert notes == ["level L5/S1 lies outside every Axial T2 series"]
 
 
@@ -126,10 +166,15 @@ def test_cached_series_is_what_the_networks_read_and_smaller_than_its_dicom(tmp_
     assert isinstance(warm.volume.stored, np.memmap)  # one slice is read without the rest
     exact = inputs.normalise(plain.volume, plain.intensity_range)
     for series in (cold, warm):
-        np.testing.assert_allclose(inputs.normalise(series.volume, series.intensity_range), exact, atol=cache.QUANTUM / 2 + 1e-6)
-        np.testing.assert_allclose(inputs.normalise(series.volume[2:3], series.intensity_range), exact[2:3], atol=cache.QUANTUM / 2 + 1e-6)
-    np.testing.assert_array_equal(np.asarray(cold.volume), np.asarray(warm.volume))  # cold and warm runs see the same
-    cached_bytes = sum(os.path.getsize(tmp_path / "cache" / name) for name in os.listdir(tmp_path / "cache"))
+        np.testing.assert_allclose(inputs.normalise(series.volume, series.intensity_range), exact,
+                                   atol=cache.QUANTUM / 2 + 1e-6)
+        np.testing.assert_allclose(inputs.normalise(series.volume[2:3], series.intensity_range),
+                                   exact[2:3], atol=cache.QUANTUM / 2 + 1e-6)
+    # cold and warm runs see the same
+    np.testing.assert_array_equal(np.asarray(cold.volume), np.asarray(warm.volume))
+    cached_bytes = sum(
+        os.path.getsize(tmp_path / "cache" / name) for name in os.listdir(tmp_path / "cache")
+    )
     assert cached_bytes <= sum(os.path.getsize(folder / name) for name in os.listdir(folder))
 
 
@@ -141,26 +186,36 @@ def test_corrupt_cache_files_are_a_miss(tmp_path):
             if name.endswith(suffix):
                 with open(tmp_path / "cache" / name, "r+b") as handle:
                     handle.truncate(40)
-        np.testing.assert_array_equal(np.asarray(data.load_series(str(folder), str(tmp_path / "cache")).volume), reference)
+        np.testing.assert_array_equal(
+            np.asarray(data.load_series(str(folder), str(tmp_path / "cache")).volume), reference
+        )
 
 
 def test_a_cache_folder_that_cannot_be_written_loses_no_series(tmp_path, monkeypatch):
     folder = _series_dir(tmp_path)
     reference = np.asarray(data.load_series(str(folder), str(tmp_path / "good")).volume)
-    (tmp_path / "file").write_text("a file where the cache folder should be")  # like a read-only folder: makedirs fails
+    # like a read-only folder: makedirs fails
+    (tmp_path / "file").write_text("a file where the cache folder should be")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
-            np.testing.assert_array_equal(np.asarray(data.load_series(str(folder), str(tmp_path / "file" / "cache")).volume), reference)
-    assert len([w for w in caught if "cannot write the series cache" in str(w.message)]) == 1  # warned once, not per series
+            np.testing.assert_array_equal(
+                np.asarray(data.load_series(str(folder), str(tmp_path / "file" / "cache")).volume),
+                reference,
+            )
+    # warned once, not per series
+    assert (len([w for w in caught if "cannot write the series cache" in str(w.message)]) == 1)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "save", disk_full)
     with pytest.warns(UserWarning, match="No space left on device"):
-        np.testing.assert_array_equal(np.asarray(data.load_series(str(folder), str(tmp_path / "full")).volume), reference)
-    assert not [name for name in os.listdir(tmp_path / "full") if name.endswith(".tmp.npy")]  # no temporary left behind
+        np.testing.assert_array_equal(
+            np.asarray(data.load_series(str(folder), str(tmp_path / "full")).volume), reference
+        )
+    # no temporary left behind
+    assert not [name for name in os.listdir(tmp_path / "full") if name.endswith(".tmp.npy")]
 
 
 def _load_in_process(folder, cache_dir, barrier, results, index):
@@ -173,9 +228,14 @@ def test_two_processes_sharing_a_cold_cache_both_get_the_right_volume(tmp_path):
     reference = np.asarray(data.load_series(str(folder), str(tmp_path / "reference")).volume)
     context = multiprocessing.get_context("fork")
     for attempt in range(3):
-        cache_dir, barrier, manager = str(tmp_path / f"shared{attempt}"), context.Barrier(2), context.Manager()
+        cache_dir, barrier, manager = (str(tmp_path / f"shared{attempt}"), context.Barrier(2),
+                                       context.Manager())
         results = manager.dict()
-        workers = [context.Process(target=_load_in_process, args=(str(folder), cache_dir, barrier, results, i)) for i in range(2)]
+        workers = [
+            context.Process(target=_load_in_process,
+                            args=(str(folder), cache_dir, barrier, results, i))
+            for i in range(2)
+        ]
         for worker in workers:
             worker.start()
         for worker in workers:
@@ -183,5 +243,6 @@ def test_two_processes_sharing_a_cold_cache_both_get_the_right_volume(tmp_path):
         assert [w.exitcode for w in workers] == [0, 0]
         for index in range(2):
             assert results[index] == reference.tobytes()
-        np.testing.assert_array_equal(np.asarray(data.load_series(str(folder), cache_dir).volume), reference)
+        np.testing.assert_array_equal(np.asarray(data.load_series(str(folder), cache_dir).volume),
+                                      reference)
         manager.shutdown()

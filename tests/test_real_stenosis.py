@@ -51,17 +51,11 @@ def test_converter_names_levels_grades_and_canal_points_from_the_boxes(tmp_path)
     assert (labels[0, 5:] == data.MISSING).all()
     points = pd.read_csv(tmp_path / "out" / "train_label_coordinates.csv")
     assert points["level"].tolist() == data.LEVEL_NAMES
-    expected_x = [
-        (0.50 + 0.06) * 384,
-        (0.48 + 0.06) * 384,
-        (0.46 + 0.07) * 384,
-        ((0.44 + 0.07) + (0.45 + 0.09)) / 2 * 384,
-        (0.42 + 0.07) * 384,
-    ]
+    expected_x = [(0.50 + 0.06) * 384, (0.48 + 0.06) * 384, (0.46 + 0.07) * 384,
+                  ((0.44 + 0.07) + (0.45 + 0.09)) / 2 * 384, (0.42 + 0.07) * 384]
     expected_y = [0.25 * 384, 0.38 * 384, 0.51 * 384, 0.645 * 384, 0.78 * 384]
-    assert np.allclose(points["x"], expected_x, atol=0.01) and np.allclose(
-        points["y"], expected_y, atol=0.01
-    )
+    assert np.allclose(points["x"], expected_x, atol=0.01) and np.allclose(points["y"], expected_y,
+                                                                           atol=0.01)
     # the written slice: same pixels, 0.8 mm, columns toward posterior (+y), rows toward feet (-z)
     study_id = real_stenosis.STUDY_ID_BASE + 7
     series = data.load_series(
@@ -83,10 +77,8 @@ def test_auc_is_the_share_of_positive_negative_pairs_ranked_right():
     rng = np.random.default_rng(1)
     scores = rng.integers(0, 6, 60) / 5.0  # many ties
     positive = rng.random(60) < 0.3
-    pairs = [
-        1.0 if p > n else 0.5 if p == n else 0.0
-        for p, n in itertools.product(scores[positive], scores[~positive])
-    ]
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p,
+             n in itertools.product(scores[positive], scores[~positive])]
     assert real_stenosis.auc(scores, positive) == pytest.approx(np.mean(pairs))
     assert np.isnan(real_stenosis.auc(scores, np.ones(60, bool)))
 
@@ -97,9 +89,8 @@ def test_reliability_table_by_hand():
     table = real_stenosis.reliability(predicted, grades, 2)
     assert [row[2] for row in table] == [3, 3]
     assert table[0][3] == pytest.approx(0.65 / 3) and table[0][4] == pytest.approx(1 / 3)
-    assert table[0][5] == pytest.approx(
-        2 / (1 + 1 + 2)
-    )  # two Normal (weight 1 each), one Moderate (2)
+    # two Normal (weight 1 each), one Moderate (2)
+    assert table[0][5] == pytest.approx(2 / (1 + 1 + 2))
     assert table[1][3] == pytest.approx(2.5 / 3) and table[1][4] == pytest.approx(1.0)
     assert table[1][5] == pytest.approx(1.0)
 
@@ -114,13 +105,11 @@ def test_a_dataset_with_spinal_labels_only_scores_without_the_empty_terms():
         solution, losses.probabilities_to_submission(study_ids, probabilities)
     )
     assert np.isnan(terms["foraminal"]) and np.isnan(terms["subarticular"])
-    spinal = (7 * -np.log(0.7) + 3 * 2 * -np.log(0.2)) / (
-        7 + 3 * 2
-    )  # 7 Normal rows weight 1, 3 Moderate weight 2
+    # 7 Normal rows weight 1, 3 Moderate weight 2
+    spinal = (7 * -np.log(0.7) + 3 * 2 * -np.log(0.2)) / (7 + 3 * 2)
     assert terms["spinal"] == pytest.approx(spinal)
-    assert losses.mean_of_terms(terms) == pytest.approx(
-        (spinal + -np.log(0.9)) / 2
-    )  # any_severe: max P(Severe) 0.1
+    # any_severe: max P(Severe) 0.1
+    assert losses.mean_of_terms(terms) == pytest.approx((spinal + -np.log(0.9)) / 2)
 
 
 def test_both_stages_and_the_report_run_on_real_patients(tmp_path):
@@ -134,29 +123,15 @@ def test_both_stages_and_the_report_run_on_real_patients(tmp_path):
     )
     for fold in (0, 1):
         run = tmp_path / f"fold{fold}"
-        common = [
-            "--data-dir",
-            str(folder),
-            "--out-dir",
-            str(run),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            "--num-workers",
-            "0",
-            "--fold",
-            str(fold),
-            "--n-folds",
-            "2",
-            "--epochs",
-            "1",
-        ]
+        common = ["--data-dir", str(folder), "--out-dir", str(run), "--cache-dir",
+                  str(tmp_path / "cache"), "--num-workers", "0", "--fold", str(fold), "--n-folds",
+                  "2", "--epochs", "1"]
         train_landmarks.main(
             common + ["--series-types", "sag_t2", "--image-size", "64", "--overlays", "0"]
         )
         train_severity.main(common + ["--n-slices", "1", "--crop-px", "32", "--batch-size", "2"])
-        assert (
-            run / "severity_best.pt"
-        ).exists()  # a score of NaN terms never saved a best checkpoint
+        # a score of NaN terms never saved a best checkpoint
+        assert (run / "severity_best.pt").exists()
     result = real_stenosis.main(
         ["report", "--data-dir", str(folder), "--runs", str(tmp_path / "fold*")]
     )

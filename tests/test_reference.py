@@ -10,8 +10,9 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from reference import (COLUMNS, EPS, LEVELS, check_layout, column_prior_submission, patient_mm_to_pixel,
-                       pixel_to_patient_mm, reference_score, slice_plane_distance)
+from reference import (COLUMNS, EPS, LEVELS, check_layout, column_prior_submission,
+                       patient_mm_to_pixel, pixel_to_patient_mm, reference_score,
+                       slice_plane_distance)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REAL_TRAIN = SHARED / "real_labels" / "train.csv"
@@ -52,17 +53,20 @@ def test_perfect_submission_scores_zero():
 
 
 def test_uniform_submission_scores_log3():
-    truth = labels({1: {spinal("l1_l2"): "Severe", spinal("l5_s1"): "", "right_subarticular_stenosis_l1_l2": "Moderate"}})
+    truth = labels(
+        {
+            1: {spinal("l1_l2"): "Severe", spinal("l5_s1"): "",
+                "right_subarticular_stenosis_l1_l2": "Moderate"}
+        }
+    )
     # every scored row has p_true = 1/3 and the any_severe prediction is 1/3 with label 1
     assert reference_score(truth, submission([1])) == pytest.approx(math.log(3), abs=1e-12)
 
 
 def test_hand_computed_weights_normalisation_and_empty_cells():
-    cells = {
-        spinal("l1_l2"): "Normal/Mild", spinal("l2_l3"): "Moderate", spinal("l3_l4"): "Severe",
-        spinal("l4_l5"): "", spinal("l5_s1"): "Normal/Mild",
-        "left_subarticular_stenosis_l1_l2": "",
-    }
+    cells = {spinal("l1_l2"): "Normal/Mild", spinal("l2_l3"): "Moderate", spinal("l3_l4"): "Severe",
+             spinal("l4_l5"): "", spinal("l5_s1"): "Normal/Mild",
+             "left_subarticular_stenosis_l1_l2": ""}
     for level in LEVELS:
         cells[f"left_neural_foraminal_narrowing_{level}"] = "Normal/Mild"
         cells[f"right_neural_foraminal_narrowing_{level}"] = "Severe"
@@ -70,10 +74,14 @@ def test_hand_computed_weights_normalisation_and_empty_cells():
         cells[f"right_subarticular_stenosis_{level}"] = "Moderate"
     truth = labels({5: cells})
     preds = {  # raw rows, not summing to 1: the metric normalises them
-        (5, spinal("l1_l2")): (2, 1, 1), (5, spinal("l2_l3")): (1, 1, 2), (5, spinal("l3_l4")): (1, 1, 2),
-        (5, spinal("l4_l5")): (0, 0, 9),  # empty truth: neither scored nor part of the any_severe max
+        (5, spinal("l1_l2")): (2, 1, 1),
+        (5, spinal("l2_l3")): (1, 1, 2),
+        (5, spinal("l3_l4")): (1, 1, 2),
+        # empty truth: neither scored nor part of the any_severe max
+        (5, spinal("l4_l5")): (0, 0, 9),
         (5, spinal("l5_s1")): (2, 1, 1),
-        (5, "left_subarticular_stenosis_l1_l2"): (1, 0, 0),  # empty truth: would cost -log(eps) if scored
+        # empty truth: would cost -log(eps) if scored
+        (5, "left_subarticular_stenosis_l1_l2"): (1, 0, 0),
     }
     for level in LEVELS:
         preds[(5, f"left_neural_foraminal_narrowing_{level}")] = (1, 1, 0)
@@ -99,13 +107,17 @@ def test_any_severe_weights_and_all_empty_study():
     preds[(2, spinal("l1_l2"))] = (0.2, 0.2, 0.6)
     for study in (2, 3):
         for level in LEVELS:
-            preds.setdefault((study, spinal(level)), (0, 0, 1))  # unscored rows, would cost -log(eps)
-    # spinal: study 1 has 4 Normal at .8 (w1) and 1 Moderate at .3 (w2); study 2 one Severe at .6 (w4)
+            # unscored rows, would cost -log(eps)
+            preds.setdefault((study, spinal(level)), (0, 0, 1))
+    # spinal: study 1 has 4 Normal at .8 (w1) and 1 Moderate at .3 (w2);
+    # study 2 one Severe at .6 (w4)
     spinal_loss = (-4 * math.log(0.8) - 2 * math.log(0.3) - 4 * math.log(0.6)) / (4 + 2 + 4)
     # any_severe: study 1 label 0, weight 2, p = .2; study 2 label 1, weight 4, p = .6
     any_loss = (-2 * math.log(1 - 0.2) - 4 * math.log(0.6)) / (2 + 4)
     expected = (spinal_loss + math.log(3) + math.log(3) + any_loss) / 4
-    assert reference_score(truth, submission([1, 2, 3], preds)) == pytest.approx(expected, rel=1e-12)
+    assert reference_score(truth, submission([1, 2, 3], preds)) == pytest.approx(
+        expected, rel=1e-12
+    )
 
 
 def test_clipping_bounds_a_zero_probability():
@@ -118,7 +130,9 @@ def test_clipping_bounds_a_zero_probability():
 
 
 def test_row_order_and_scale_do_not_matter_and_missing_rows_raise():
-    truth = labels({1: {spinal("l2_l3"): "Moderate"}, 2: {"left_subarticular_stenosis_l5_s1": "Severe"}})
+    truth = labels(
+        {1: {spinal("l2_l3"): "Moderate"}, 2: {"left_subarticular_stenosis_l5_s1": "Severe"}}
+    )
     rng = np.random.default_rng(0)
     sub = submission([1, 2])
     sub[["normal_mild", "moderate", "severe"]] = rng.uniform(0.05, 1, size=(len(sub), 3))
@@ -190,19 +204,24 @@ def write_dicom(path, instance, size=8, x_mm=0.0):
 
 
 def write_csv(path, header, rows):
-    path.write_text("\n".join([",".join(header)] + [",".join(str(v) for v in row) for row in rows]) + "\n")
+    path.write_text(
+        "\n".join([",".join(header)] + [",".join(str(v) for v in row) for row in rows]) + "\n"
+    )
 
 
 def make_layout(root):
-    """Train study 1 (series 10 Sag T2/STIR, 11 Sag T1, 12 Axial T2), test study 2 (series 20 Sag T1)."""
+    """Train study 1 (series 10 Sag T2/STIR, 11 Sag T1, 12 Axial T2), test study 2
+    (series 20 Sag T1)."""
     for series, description in ((10, "Sagittal T2/STIR"), (11, "Sagittal T1"), (12, "Axial T2")):
         for instance in (1, 2):
-            write_dicom(root / "train_images" / "1" / str(series) / f"{instance}.dcm", instance, x_mm=instance)
+            write_dicom(root / "train_images" / "1" / str(series) / f"{instance}.dcm", instance,
+                        x_mm=instance)
     write_dicom(root / "test_images" / "2" / "20" / "1.dcm", 1)
-    write_csv(root / "train_series_descriptions.csv", ["study_id", "series_id", "series_description"],
+    write_csv(root / "train_series_descriptions.csv",
+              ["study_id", "series_id", "series_description"],
               [[1, 10, "Sagittal T2/STIR"], [1, 11, "Sagittal T1"], [1, 12, "Axial T2"]])
-    write_csv(root / "test_series_descriptions.csv", ["study_id", "series_id", "series_description"],
-              [[2, 20, "Sagittal T1"]])
+    write_csv(root / "test_series_descriptions.csv",
+              ["study_id", "series_id", "series_description"], [[2, 20, "Sagittal T1"]])
     cells = ["Normal/Mild"] * 25
     cells[3] = "Severe"
     cells[7] = ""
@@ -239,23 +258,33 @@ def test_check_layout_accepts_valid_and_flags_broken(tmp_path):
     problems = broken("outside", lambda r: edit_line(r / "train_label_coordinates.csv", 1,
                                                      "1,10,1,Spinal Canal Stenosis,L1/L2,8.0,4"))
     assert "train_label_coordinates.csv: line 2: (x, y)" in problems and "outside" in problems
-    problems = broken("snake", lambda r: edit_line(r / "train_label_coordinates.csv", 2,
-                                                   "1,11,2,left_neural_foraminal_narrowing,l5_s1,0,1"))
+    problems = broken(
+        "snake",
+        lambda r: edit_line(r / "train_label_coordinates.csv", 2,
+                            "1,11,2,left_neural_foraminal_narrowing,l5_s1,0,1"),
+    )
     assert "bad condition/level" in problems
-    problems = broken("wrong_series", lambda r: edit_line(r / "train_label_coordinates.csv", 3,
-                                                          "1,11,1,Right Subarticular Stenosis,L3/L4,5,5"))
+    problems = broken(
+        "wrong_series",
+        lambda r: edit_line(r / "train_label_coordinates.csv", 3,
+                            "1,11,1,Right Subarticular Stenosis,L3/L4,5,5"),
+    )
     assert "expected 'Axial T2'" in problems
     problems = broken("no_file", lambda r: edit_line(r / "train_label_coordinates.csv", 1,
                                                      "1,10,9,Spinal Canal Stenosis,L1/L2,3,4"))
     assert "no file train_images/1/10/9.dcm" in problems
-    problems = broken("corrupt", lambda r: (r / "train_images/1/11/2.dcm").write_bytes(b"not a dicom"))
+    problems = broken("corrupt",
+                      lambda r: (r / "train_images/1/11/2.dcm").write_bytes(b"not a dicom"))
     assert "train_images/1/11/2.dcm: unreadable" in problems
     problems = broken("orphan", lambda r: write_dicom(r / "train_images/1/13/1.dcm", 1))
     assert "train_images/1/13: not listed in train_series_descriptions.csv" in problems
-    problems = broken("severity", lambda r: edit_line(r / "train.csv", 1, "1," + ",".join(["normal"] * 25)))
+    problems = broken("severity",
+                      lambda r: edit_line(r / "train.csv", 1, "1," + ",".join(["normal"] * 25)))
     assert "train.csv: study 1 spinal_canal_stenosis_l1_l2: bad value 'normal'" in problems
-    problems = broken("short_sub", lambda r: edit_line(r / "sample_submission.csv", 5, "2_bad_column,1,0,0"))
-    assert "sample_submission.csv: bad row_id '2_bad_column'" in problems and "lacks 1 of 25 rows" in problems
+    problems = broken("short_sub",
+                      lambda r: edit_line(r / "sample_submission.csv", 5, "2_bad_column,1,0,0"))
+    assert ("sample_submission.csv: bad row_id '2_bad_column'" in problems
+            and "lacks 1 of 25 rows" in problems)
 
     def leak(root):
         write_csv(root / "solution.csv", ["study_id"] + COLUMNS, [[2] + ["Moderate"] * 25])

@@ -6,25 +6,32 @@ import inputs
 import losses
 
 
-def _series(depth=5, height=60, width=80, spacing=(0.8, 0.5), orientation=(1, 0, 0, 0, 1, 0), intensity_range=(0.0, 1.0)):
-    """A synthetic Series whose intensities map unchanged to network inputs (intensity range 0..1)."""
+def _series(depth=5, height=60, width=80, spacing=(0.8, 0.5), orientation=(1, 0, 0, 0, 1, 0),
+            intensity_range=(0.0, 1.0)):
+    """A synthetic Series whose intensities map unchanged to network inputs
+    (intensity range 0..1)."""
     normal = np.cross(orientation[:3], orientation[3:])
     positions = np.array([[-20.0, -15.0, 0.0] + k * 4.0 * normal for k in range(depth)])
-    return data.Series(volume=np.zeros((depth, height, width), np.float32), instance_numbers=np.arange(1, depth + 1),
-                       positions=positions, orientations=np.tile(orientation, (depth, 1)).astype(float),
-                       pixel_spacing=np.tile(spacing, (depth, 1)).astype(float), original_sizes=np.tile([height, width], (depth, 1)),
-                       stack_ids=np.zeros(depth, np.int64), intensity_range=np.asarray(intensity_range))
+    return data.Series(volume=np.zeros((depth, height, width), np.float32),
+                       instance_numbers=np.arange(1, depth + 1), positions=positions,
+                       orientations=np.tile(orientation, (depth, 1)).astype(float),
+                       pixel_spacing=np.tile(spacing, (depth, 1)).astype(float),
+                       original_sizes=np.tile([height, width], (depth, 1)),
+                       stack_ids=np.zeros(depth, np.int64),
+                       intensity_range=np.asarray(intensity_range))
 
 
 def test_point_at_known_mm_lands_at_crop_centre():
     series = _series()
-    target_mm = np.array([-20.0 + 31.0 * 0.5, -15.0 + 22.0 * 0.8, 8.0])  # pixel (col 31, row 22) of slice 2
+    # pixel (col 31, row 22) of slice 2
+    target_mm = np.array([-20.0 + 31.0 * 0.5, -15.0 + 22.0 * 0.8, 8.0])
     d, col, row, distance = data.series_patient_to_pixel(series, target_mm)
     assert (d, round(col, 6), round(row, 6), round(distance, 6)) == (2, 31.0, 22.0, 0.0)
     series.volume[2, 22, 31] = 1.0
-    crops = inputs.crop_2p5d(series, d, col, row, size_mm=9.0, out_px=9, n_slices=3)
+    crops = inputs.crop_2p5d(series, (d, col, row), size_mm=9.0, out_px=9, n_slices=3)
     assert crops.shape == (3, 9, 9)
-    # 9 mm over 9 px = 1 mm crop pixels: the bright voxel (0.5 x 0.8 mm) is centred at crop pixel (4, 4)
+    # 9 mm over 9 px = 1 mm crop pixels: the bright voxel (0.5 x 0.8 mm) is centred at
+    # crop pixel (4, 4)
     peak = np.unravel_index(crops[1].argmax().item(), (9, 9))
     assert peak == (4, 4) and crops[0].max() == 0 and crops[2].max() == 0
 
@@ -35,32 +42,47 @@ def test_crop_covers_the_same_millimetres_at_any_resolution():
     for series, scale in ((coarse, 1), (fine, 2)):
         rows = np.arange(series.volume.shape[1])[:, None] / scale  # mm down the image
         series.volume[:] = np.broadcast_to(rows, series.volume.shape[1:])
-    a = inputs.crop_2p5d(coarse, 2, 19.5, 19.5, 20.0, 10, 1)
-    b = inputs.crop_2p5d(fine, 2, 39.5, 39.5, 20.0, 10, 1)
+    a = inputs.crop_2p5d(coarse, (2, 19.5, 19.5), 20.0, 10, 1)
+    b = inputs.crop_2p5d(fine, (2, 39.5, 39.5), 20.0, 10, 1)
     assert float(a.max() - a.min()) > 0.4  # a gradient of 20 mm over the 40 mm intensity range
     np.testing.assert_allclose(a, b, atol=0.3 / 40)
 
 
 def test_mirroring_puts_right_side_crops_onto_the_left():
     axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0))
-    axial.volume[1, 29:32, 16:21] = 1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
-    sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0), orientation=(0, 1, 0, 0, 0, -1))
+    axial.volume[1, 29:32, 16:21] = (
+        1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
+    )
+    sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0),
+                       orientation=(0, 1, 0, 0, 0, -1))
     sagittal.volume[4, 28:33, 28:33] = 1.0  # one slice beyond the right foramen's slice (3)
-    study = {1: data.StudySeries("Axial T2", 1, axial), 2: data.StudySeries("Sagittal T1", 2, sagittal)}
-    landmarks = {("right_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
-                 ("left_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
-                 ("right_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0, 30.0, 1.0),
-                 ("left_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0, 30.0, 1.0)}
-    crops, groups, columns = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
-    assert columns.tolist() == sorted(data.LABEL_COLUMNS.index(f"{c}_{lv}") for c, lv in landmarks)  # no crop for the rest
+    study = {1: data.StudySeries("Axial T2", 1, axial),
+             2: data.StudySeries("Sagittal T1", 2, sagittal)}
+    landmarks = {
+        ("right_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
+        ("left_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
+        ("right_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0,
+                                                                     30.0, 1.0),
+        ("left_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 2, 3, 30.0, 30.0,
+                                                                    1.0),
+    }
+    crops, groups, columns = inputs.study_crops(
+        study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0])
+    )
+    # no crop for the rest
+    assert columns.tolist() == sorted(data.LABEL_COLUMNS.index(f"{c}_{lv}") for c, lv in landmarks)
     crops = dict(zip(columns.tolist(), crops))
     groups = dict(zip(columns.tolist(), groups))
     column = data.LABEL_COLUMNS.index
-    left, right = crops[column("left_subarticular_stenosis_l4_l5")], crops[column("right_subarticular_stenosis_l4_l5")]
-    assert left[1].max() > 0 and left[1, :, :10].max() > left[1, :, 10:].max()  # the mark, seen on the image's left
+    left, right = (crops[column("left_subarticular_stenosis_l4_l5")],
+                   crops[column("right_subarticular_stenosis_l4_l5")])
+    # the mark, seen on the image's left
+    assert (left[1].max() > 0 and left[1, :, :10].max() > left[1, :, 10:].max())
     torch.testing.assert_close(right, left.flip(-1))  # the same image, mirrored across the midline
-    left_f, right_f = crops[column("left_neural_foraminal_narrowing_l1_l2")], crops[column("right_neural_foraminal_narrowing_l1_l2")]
-    assert left_f[2].max() > 0 and right_f[0].max() > 0  # the next slice's mark comes first once mirrored
+    left_f, right_f = (crops[column("left_neural_foraminal_narrowing_l1_l2")],
+                       crops[column("right_neural_foraminal_narrowing_l1_l2")])
+    # the next slice's mark comes first once mirrored
+    assert (left_f[2].max() > 0 and right_f[0].max() > 0)
     torch.testing.assert_close(right_f, left_f.flip(0))  # slice order reversed
     assert len(crops) == 4 and groups[column("right_subarticular_stenosis_l4_l5")] == 2
 
@@ -68,45 +90,60 @@ def test_mirroring_puts_right_side_crops_onto_the_left():
 def test_fallback_rows_equal_weighted_prior_and_submission_is_complete():
     labels = np.array([[0] * 25, [1] * 25, [2] * 25, [0] * 25])
     prior = losses.weighted_prior(labels)
-    np.testing.assert_allclose(prior[0], np.array([2, 2, 4]) / 8)  # counts (2, 1, 1) x weights (1, 2, 4)
+    # counts (2, 1, 1) x weights (1, 2, 4)
+    np.testing.assert_allclose(prior[0], np.array([2, 2, 4]) / 8)
     probabilities = losses.finalise(np.broadcast_to(prior, (3, 25, 3)))
     submission = losses.probabilities_to_submission([7, 8, 9], probabilities)
     assert len(submission) == 75 and submission["row_id"].iloc[0] == "7_spinal_canal_stenosis_l1_l2"
     np.testing.assert_allclose(submission[data.SUBMISSION_COLUMNS].sum(axis=1), 1.0)
-    np.testing.assert_allclose(submission[data.SUBMISSION_COLUMNS].to_numpy()[:25], prior, atol=1e-12)
+    np.testing.assert_allclose(submission[data.SUBMISSION_COLUMNS].to_numpy()[:25], prior,
+                               atol=1e-12)
     extreme = losses.finalise(np.array([[[1.0, 0.0, 0.0], [np.nan, np.nan, np.nan]]]))
     assert (extreme > 0).all() and (extreme < 1).all() and np.isfinite(extreme).all()
 
 
 def _marked_crops(series, landmarks):
     study = {1: data.StudySeries(landmarks[next(iter(landmarks))].series_type, 1, series)}
-    crops, _, columns = inputs.study_crops(study, landmarks, dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
+    crops, _, columns = inputs.study_crops(study, landmarks,
+                                           dict(n_slices=3, crop_px=20, crop_mm=[20.0, 20.0, 20.0]))
     return dict(zip(columns.tolist(), crops)), data.LABEL_COLUMNS.index
 
 
 def test_axial_mirroring_follows_which_way_the_columns_run():
-    # columns run toward the patient's RIGHT here (u = -x): lateral of the left recess is toward column 0
-    axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0), orientation=(-1, 0, 0, 0, 1, 0))
+    # columns run toward the patient's RIGHT here (u = -x): lateral of the left recess is
+    # toward column 0
+    axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0),
+                    orientation=(-1, 0, 0, 0, 1, 0))
     axial.volume[1, 29:32, 16:21] = 1.0  # a mark lateral of the left recess at column 22
     axial.volume[1, 29:32, 44:49] = 1.0  # and one lateral of the right recess at column 42
-    landmarks = {("left_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
-                 ("right_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 42.0, 31.0, 1.0)}
+    landmarks = {
+        ("left_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 22.0, 31.0, 1.0),
+        ("right_subarticular_stenosis", "l4_l5"): data.Landmark("Axial T2", 1, 1, 42.0, 31.0, 1.0),
+    }
     crops, column = _marked_crops(axial, landmarks)
-    for side in ("left", "right"):  # the canonical view: columns run away from the midline, the mark on the crop's right
+    # the canonical view: columns run away from the midline, the mark on the crop's right
+    for side in ("left", "right"):
         crop = crops[column(f"{side}_subarticular_stenosis_l4_l5")][1]
         assert crop[:, 10:].max() > 0.5 and crop[:, :10].max() == 0, side
 
 
 def test_sagittal_mirroring_follows_which_way_the_slices_run():
-    # slices step toward the patient's LEFT here (n = +x): the slice after the left foramen's is lateral of it
-    sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0), orientation=(0, 1, 0, 0, 0, 1))
+    # slices step toward the patient's LEFT here (n = +x): the slice after the left foramen's is
+    # lateral of it
+    sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0),
+                       orientation=(0, 1, 0, 0, 0, 1))
     assert data.slice_normals(sagittal.orientations[0])[0] > 0
     sagittal.volume[4, 28:33, 28:33] = 1.0  # lateral of the left foramen on slice 3
     sagittal.volume[1, 28:33, 28:33] = 1.0  # lateral of the right foramen on slice 2
-    landmarks = {("left_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 1, 3, 30.0, 30.0, 1.0),
-                 ("right_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 1, 2, 30.0, 30.0, 1.0)}
+    landmarks = {
+        ("left_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 1, 3, 30.0, 30.0,
+                                                                    1.0),
+        ("right_neural_foraminal_narrowing", "l1_l2"): data.Landmark("Sagittal T1", 1, 2, 30.0,
+                                                                     30.0, 1.0),
+    }
     crops, column = _marked_crops(sagittal, landmarks)
-    for side in ("left", "right"):  # the canonical view: slices run toward the midline, the lateral mark first
+    # the canonical view: slices run toward the midline, the lateral mark first
+    for side in ("left", "right"):
         crop = crops[column(f"{side}_neural_foraminal_narrowing_l1_l2")]
         assert crop[0].max() > 0.5 and crop[1:].max() == 0, side
 
@@ -134,10 +171,15 @@ def test_recomputed_batchnorm_statistics_are_the_mean_over_the_batches_and_nothi
     rng = torch.get_rng_state()
     net.eval()
     training.recompute_batchnorm(net, batches)
-    # independent reference: per batch, the mean and unbiased variance of each conv channel, averaged over batches
+    # independent reference: per batch, the mean and unbiased variance of each conv channel,
+    # averaged over batches
     with torch.no_grad():
         outputs = [net[0](x).transpose(0, 1).reshape(2, -1).numpy() for (x,) in batches]
-    assert np.allclose(net[1].running_mean.numpy(), np.mean([o.mean(axis=1) for o in outputs], axis=0), atol=1e-5)
-    assert np.allclose(net[1].running_var.numpy(), np.mean([o.var(axis=1, ddof=1) for o in outputs], axis=0), atol=1e-4)
-    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters())) and torch.equal(rng, torch.get_rng_state())
+    assert np.allclose(net[1].running_mean.numpy(),
+                       np.mean([o.mean(axis=1) for o in outputs], axis=0), atol=1e-5)
+    assert np.allclose(net[1].running_var.numpy(),
+                       np.mean([o.var(axis=1, ddof=1) for o in outputs], axis=0), atol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(weights, net.parameters())) and torch.equal(
+        rng, torch.get_rng_state()
+    )
     assert net[1].momentum == 0.1 and not net.training  # restored

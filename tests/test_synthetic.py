@@ -33,12 +33,17 @@ def test_test_truth_stays_out_of_the_competition_files(quirky):
 def test_quirky_instance_numbers_load_in_spatial_order(quirky):
     quirks = pd.read_csv(quirky / "quirks.csv")
     descriptions = pd.read_csv(quirky / "train_series_descriptions.csv")
-    shuffled = quirks[quirks["quirk"].isin(["instances_reversed", "instances_offset", "instances_interleaved"])]
-    assert set(shuffled["quirk"]) == {"instances_reversed", "instances_offset", "instances_interleaved"}
+    shuffled = quirks[
+        quirks["quirk"].isin(["instances_reversed", "instances_offset", "instances_interleaved"])
+    ]
+    assert set(shuffled["quirk"]) == {"instances_reversed", "instances_offset",
+                                      "instances_interleaved"}
     checked = 0
     for row in shuffled.itertuples():
         split = "train" if row.study_id in set(descriptions["study_id"]) else "test"
-        series = data.load_series(str(quirky / f"{split}_images" / str(row.study_id) / str(row.series_id)))
+        series = data.load_series(
+            str(quirky / f"{split}_images" / str(row.study_id) / str(row.series_id))
+        )
         along = np.einsum("dk,dk->d", series.positions, data.slice_normals(series.orientations))
         for stack in np.unique(series.stack_ids):
             assert np.all(np.diff(along[series.stack_ids == stack]) > 0)
