@@ -35,9 +35,8 @@ def normalise(volume, intensity_range=None):
     Without intensity_range, the volume's own 1st and 99.5th percentile are used.
     """
     low, high = np.percentile(volume, [1.0, 99.5]) if intensity_range is None else intensity_range
-    return np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5).astype(
-        np.float32
-    )
+    scaled = (np.asarray(volume, np.float32) - low) / max(high - low, 1e-6)
+    return np.clip(scaled, 0.0, 1.5).astype(np.float32)
 
 
 def resize_slices(volume, size):
@@ -80,9 +79,8 @@ def sagittal_input(image, series):
     constant over the slice, so the network can tell the patient's left parasagittal slices from the
     right ones.
     """
-    offsets = torch.from_numpy(slice_offsets(series) / OFFSET_SCALE_MM)[:, None, None].expand_as(
-        image
-    )
+    offsets = torch.from_numpy(slice_offsets(series) / OFFSET_SCALE_MM)[:, None, None]
+    offsets = offsets.expand_as(image)
     return torch.stack([image, offsets], dim=1)
 
 
@@ -147,9 +145,8 @@ def crop_2p5d(series, point_px, size_mm, out_px, n_slices, degrees=0.0):
     grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
     images = torch.as_tensor(normalise(series.volume[picks], series.intensity_range))[:, None]
     grid = torch.as_tensor(grid, dtype=torch.float32)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
-        :, 0
-    ]
+    crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return crops[:, 0]
 
 
 def mirror_flags(series, slice_index, condition):
@@ -219,12 +216,10 @@ def random_affine(volume, points, max_scale=0.12, max_shift=0.08, max_degrees=8.
     angle = math.radians(np.random.uniform(-max_degrees, max_degrees))
     shift = np.random.uniform(-max_shift, max_shift, size=2) * 2  # in normalised [-1, 1] units
     # theta maps output normalised coords to input normalised coords: in = R/scale @ out + shift
-    rotation = (
-        np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]) / scale
-    )
-    theta = torch.tensor(np.concatenate([rotation, shift[:, None]], axis=1), dtype=torch.float32)[
-        None
-    ]
+    cos, sin = math.cos(angle), math.sin(angle)
+    rotation = np.array([[cos, -sin], [sin, cos]]) / scale
+    theta = np.concatenate([rotation, shift[:, None]], axis=1)
+    theta = torch.tensor(theta, dtype=torch.float32)[None]
     grid = F.affine_grid(theta.expand(len(volume), 2, 3), (len(volume), 1, size, size),
                          align_corners=False)
     warped = F.grid_sample(volume[:, None], grid, mode="bilinear", padding_mode="zeros",

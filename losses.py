@@ -222,9 +222,9 @@ def heatmap_targets(targets, depth_mask, heat_shape, sigma):
     y = torch.arange(height, dtype=torch.float32).view(1, 1, 1, height, 1)
     x = torch.arange(width, dtype=torch.float32).view(1, 1, 1, 1, width)
     cd, cx, cy = (targets[..., i].nan_to_num(0).view(batch, n_points, 1, 1, 1) for i in range(3))
-    logits = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2) - (d - cd) ** 2 / (
-        2 * (0.6 * sigma) ** 2
-    )
+    in_plane = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)
+    through_plane = (d - cd) ** 2 / (2 * (0.6 * sigma) ** 2)  # slices: 0.6 sigma
+    logits = in_plane - through_plane
     logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), -1e9)
     return logits.flatten(2).softmax(-1).view(batch, n_points, depth, height, width)
 
@@ -244,9 +244,8 @@ def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
     fit."""
     batch, n_points, depth, height, width = logits.shape
     heat_targets = to_heat_coords(targets, input_size, (height, width))
-    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma).to(
-        logits.device
-    )
+    target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma)
+    target = target.to(logits.device)
     masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1),
                                         -1e4)
     log_prob = masked.flatten(2).log_softmax(-1)

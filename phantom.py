@@ -133,10 +133,9 @@ def make_anatomy(rng, severity):
         },
     )
     # render in float32 (its cos is ~6x faster): no float64 numpy values
-    for (key, value) in anatomy.items():
-        if isinstance(value, np.floating) or (
-            isinstance(value, np.ndarray) and value.dtype == np.float64
-        ):
+    for key, value in anatomy.items():
+        float64_array = isinstance(value, np.ndarray) and value.dtype == np.float64
+        if isinstance(value, np.floating) or float64_array:
             anatomy[key] = float(value) if np.ndim(value) == 0 else value.astype(np.float32)
     return anatomy
 

@@ -105,11 +105,13 @@ def test_no_function_but_main_and_the_training_loops_is_longer_than_about_fifty_
 
 
 def long_lines(paths, limit=100):
-    """['file:line (length)'] of every line longer than limit characters."""
+    """['file:line (length)'] of every line longer than limit characters (a Markdown table row
+    cannot be wrapped, so those are left out)."""
     found = []
     for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if len(line) > limit:
+            table_row = path.suffix == ".md" and line.startswith("|")
+            if len(line) > limit and not table_row:
                 found.append(f"{path.name}:{number} ({len(line)})")
     return found
 

@@ -50,9 +50,8 @@ def test_crop_covers_the_same_millimetres_at_any_resolution():
 
 def test_mirroring_puts_right_side_crops_onto_the_left():
     axial = _series(depth=3, height=64, width=64, spacing=(1.0, 1.0))
-    axial.volume[1, 29:32, 16:21] = (
-        1.0  # a mark on the lateral (left-of-image = patient right) side of the right recess
-    )
+    # a mark on the lateral (left-of-image = patient right) side of the right recess
+    axial.volume[1, 29:32, 16:21] = 1.0
     sagittal = _series(depth=7, height=64, width=64, spacing=(1.0, 1.0),
                        orientation=(0, 1, 0, 0, 0, -1))
     sagittal.volume[4, 28:33, 28:33] = 1.0  # one slice beyond the right foramen's slice (3)
