@@ -66,11 +66,10 @@ def test_every_label_is_cropped_from_its_own_series(split):
                 == point.instance_number
             )
     assert spread == len(entries)  # the fixture really spreads every study's axial labels
-    settings = dict(n_slices=3, crop_px=16, crop_mm=[30.0, 30.0, 30.0])
-    args = train_severity.parse_args(
-        ["--data-dir", str(split), "--out-dir", "x", "--cache-dir", str(split / "cache")]
-    )
-    dataset = train_severity.StudyCrops(entries, settings, args, augment=True)
+    args = train_severity.parse_args(["--data-dir", str(split), "--out-dir", "x",
+                                      "--cache-dir", str(split / "cache"), "--n-slices", "3",
+                                      "--crop-px", "16", "--crop-mm", "30", "30", "30"])
+    dataset = train_severity.StudyCrops(entries, args, augment=True)
     # jitter never moves a crop off its series
     assert all(dataset[i][5] == 0 for i in range(len(entries)))
 
