@@ -192,19 +192,41 @@ def truth_for(data_dir, split, study_ids):
     return solution if len(solution) else None
 
 
-def report_scores(solution, submission, prior, study_ids, tag=""):
-    """Print the score and each metric term beside the weighted-prior baseline; return both."""
+def report_scores(solution, submission, prior, study_ids, oracle=None):
+    """Print the score and each metric term beside the weighted-prior baseline, and beside the
+    best possible score where the labels' posterior is known (oracle); return score and baseline."""
     prior_rows = np.broadcast_to(prior, (len(study_ids),) + prior.shape)
     baseline = losses.probabilities_to_submission(study_ids, prior_rows)
     ours = losses.condition_group_losses(solution, submission)
     base = losses.condition_group_losses(solution, baseline)
     score = losses.mean_of_terms(ours)
     base_score = losses.mean_of_terms(base)
-    print(f"{tag}score {score:.4f}  (weighted-prior baseline {base_score:.4f}, "
+    print(f"score {score:.4f}  (weighted-prior baseline {base_score:.4f}, "
           f"ratio {score / base_score:.3f})")
+    floor = {}
+    if oracle is not None:
+        floor = losses.condition_group_losses(solution, oracle)
+        floor_score = losses.mean_of_terms(floor)
+        print(f"best possible score {floor_score:.4f} (ratio {floor_score / base_score:.3f}): "
+              f"score / floor {score / floor_score:.3f}")
     for name in ours:
-        print(f"  {name:18s} {ours[name]:.4f}  (prior {base[name]:.4f})")
+        beside = f"  floor {floor[name]:.4f}" if floor else ""
+        print(f"  {name:18s} {ours[name]:.4f}  (prior {base[name]:.4f}{beside})")
     return score, base_score
+
+
+def read_oracle(data_dir, split):
+    """The best possible submission where the split's labels come from a simulated reader:
+    synthetic.py's oracle.csv (the posterior q of each label given the anatomy) turned into what
+    minimises the metric's expected loss, p proportional to q times the weights 1/2/4. None when
+    there is no oracle.csv."""
+    path = os.path.join(data_dir, "oracle.csv")
+    if split != "test" or not os.path.exists(path):
+        return None
+    oracle = pd.read_csv(path)
+    weighted = oracle[data.SUBMISSION_COLUMNS].to_numpy() * np.asarray(data.SEVERITY_WEIGHTS)
+    oracle[data.SUBMISSION_COLUMNS] = losses.finalise(weighted / weighted.sum(1, keepdims=True))
+    return oracle
 
 
 def landmark_error(row, guess, true_series, guess_series):
@@ -278,7 +300,8 @@ def report_truth(args, study_ids, submission, prior):
     if solution is None:
         return None
     scored_ids = solution["study_id"].astype(np.int64).tolist()
-    return report_scores(solution, submission, prior, scored_ids)
+    oracle = read_oracle(args.data_dir, args.split)
+    return report_scores(solution, submission, prior, scored_ids, oracle)
 
 
 def main(argv=None):

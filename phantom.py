@@ -10,6 +10,8 @@ synthetic.py places series geometry around it and writes DICOM files.
     (5, 5, 3)
 """
 
+import math
+
 import numpy as np
 
 from data import LEVEL_NAMES
@@ -61,6 +63,45 @@ def sample_severity(rng, balanced):
     if balanced:
         probabilities = np.full((5, 5, 3), 1 / 3)
     return np.minimum((rng.random((5, 5, 1)) > probabilities.cumsum(axis=2)).sum(axis=2), 2)
+
+
+# A simulated reader: sees what is left open with Gaussian error (--reader-noise times this scale
+# per group: foramina and recesses are harder to read than the canal) and grades at the midpoints
+# between the grades' mean openness. Real labels are one reader's call like this.
+READER_SCALE = {"canal": 1.0, "foramen": 1.5, "recess": 1.5}
+GRADE_BOUNDS = {group: ((means[0][0] + means[1][0]) / 2, (means[1][0] + means[2][0]) / 2)
+                for group, means in OPENNESS.items()}  # (Normal/Moderate, Moderate/Severe)
+
+
+def read_grades(rng, openness, sigma):
+    """(5, 5) grades a reader gives: each openness (5 conditions, 5 levels) seen with an error of
+    N(0, sigma x READER_SCALE), then graded at GRADE_BOUNDS."""
+    grades = np.zeros((5, 5), dtype=np.int64)
+    for c, group in enumerate(GROUP_OF_CONDITION):
+        seen = openness[c] + rng.normal(0.0, sigma * READER_SCALE[group], 5)
+        upper, lower = GRADE_BOUNDS[group]
+        grades[c] = np.where(seen >= upper, 0, np.where(seen >= lower, 1, 2))
+    return grades
+
+
+def normal_cdf(x):
+    return np.array([0.5 * (1.0 + math.erf(v / math.sqrt(2.0))) for v in np.ravel(x)]).reshape(
+        np.shape(x))
+
+
+def reader_posterior(openness, sigma):
+    """(5, 5, 3): the probability of each grade read_grades gives, knowing the openness: the Bayes
+    posterior of a reader's label given the anatomy, which no model of the images can beat."""
+    out = np.zeros((5, 5, 3))
+    for c, group in enumerate(GROUP_OF_CONDITION):
+        sd = sigma * READER_SCALE[group]
+        upper, lower = GRADE_BOUNDS[group]
+        below_upper = normal_cdf((upper - np.asarray(openness[c], np.float64)) / sd)
+        below_lower = normal_cdf((lower - np.asarray(openness[c], np.float64)) / sd)
+        out[c, :, 0] = 1.0 - below_upper
+        out[c, :, 1] = below_upper - below_lower
+        out[c, :, 2] = below_lower
+    return out
 
 
 def make_column(rng, scale, openness):

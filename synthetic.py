@@ -20,7 +20,8 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, gen
 
 from data import (CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, SERIES_OF_CONDITION,
                   SERIES_TYPES, SEVERITIES, SUBMISSION_COLUMNS)
-from phantom import landmarks, make_anatomy, render_slice, rotation, sample_severity
+from phantom import (landmarks, make_anatomy, read_grades, reader_posterior, render_slice,
+                     rotation, sample_severity)
 
 # -----------------------------------------------------------------------------
 # what the studies are made of
@@ -296,6 +297,11 @@ def make_study(job):
     empty = rng.random((5, 5)) < 0.01  # about 1% of label cells are blank, as in the real train.csv
     quirks = []
     stream = [job["seed"], SPLIT_CODE[job["split"]], job["index"]]
+    grades, oracle = severity, None  # the grade drawn is the label, unless a reader reads it
+    if job["reader_noise"]:  # own random stream: the images do not depend on the reader
+        reader_rng = np.random.default_rng(stream + [3])
+        grades = read_grades(reader_rng, anatomy["openness"], job["reader_noise"])
+        oracle = reader_posterior(anatomy["openness"], job["reader_noise"]).reshape(25, 3)
     split_rng = np.random.default_rng(stream + [2])  # own stream, as quirks
     if split_rng.random() < job["split_axial"]:
         row = split_axial(split_rng, anatomy, series_list, job["series_ids"][4], job["size"])
@@ -311,7 +317,7 @@ def make_study(job):
         series["quirks"].add("no_spacing_tags")
         quirks.append(dict(series_id=series["series_id"], series_description=series["description"],
                            quirk="no_spacing_tags", detail="every test series"))
-    labels, coordinates = label_rows(job["study_id"], severity, empty, anatomy, series_list)
+    labels, coordinates = label_rows(job["study_id"], grades, empty, anatomy, series_list)
     study_dir = os.path.join(job["out_dir"], f"{job['split']}_images", str(job["study_id"]))
     for series in series_list:
         folder = os.path.join(study_dir, str(series["series_id"]))
@@ -331,7 +337,7 @@ def make_study(job):
                    series_description=s["description"]) for s in series_list]
     quirk_rows = [dict(study_id=job["study_id"], **row) for row in quirks]
     return dict(split=job["split"], study_id=job["study_id"], labels=labels,
-                coordinates=coordinates, series=listed, quirks=quirk_rows)
+                coordinates=coordinates, series=listed, quirks=quirk_rows, oracle=oracle)
 
 
 # -----------------------------------------------------------------------------
@@ -354,14 +360,19 @@ def write_csv(rows, columns, path):
 
 
 def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False,
-                 workers=0, split_axial=SPLIT_AXIAL_RATE):
-    """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}."""
+                 workers=0, split_axial=SPLIT_AXIAL_RATE, reader_noise=0.0):
+    """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}.
+
+    reader_noise > 0: labels come from a simulated reader (phantom.read_grades), and oracle.csv
+    beside solution.csv holds the Bayes posterior of each test label given the anatomy.
+    """
     start, ids = time.time(), draw_ids(seed, train_studies + test_studies)
     cycle = QUIRKS + [None]  # with --quirks each study gets the next quirk in turn (or none)
     jobs = [
         dict(split=split, index=i, study_id=ids[offset + i][0], series_ids=ids[offset + i][1],
              seed=seed, size=size, balanced=balanced, quirks=quirks,
              quirk=cycle[i % len(cycle)] if quirks else None, split_axial=split_axial,
+             reader_noise=reader_noise,
              out_dir=out_dir, corrupt=quirks and split == "test" and i == min(1, test_studies - 1))
         for split, count, offset in (("train", train_studies, 0),
                                      ("test", test_studies, train_studies))
@@ -395,6 +406,11 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
     ]
     pd.DataFrame(submission, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
         os.path.join(out_dir, "sample_submission.csv"), index=False)
+    if reader_noise:  # the best possible grades of the test labels, in submission format
+        oracle = [[f"{r['study_id']}_{column}", *r["oracle"][j]] for r in results
+                  if r["split"] == "test" for j, column in enumerate(LABEL_COLUMNS)]
+        pd.DataFrame(oracle, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
+            os.path.join(out_dir, "oracle.csv"), index=False)
     quirk_rows = [row for r in results for row in r["quirks"]]
     write_csv(quirk_rows, ["study_id", "series_id", "series_description", "quirk", "detail"],
               os.path.join(out_dir, "quirks.csv"))
@@ -433,6 +449,12 @@ def parse_args(argv=None):
         help="share of studies whose axial labels "
         "are spread over two series (levels split, or left and right apart), as in real data",
     )
+    parser.add_argument("--reader-noise", type=float, default=0.0,
+                        help="labels from a simulated reader who sees what is left open with this "
+                             "error (canal; x1.5 foramina and recesses), and oracle.csv with the "
+                             "best possible grades of the test labels (0: the drawn grades are the "
+                             "labels). 0.12 puts the best possible score at 0.3-0.55 x the prior "
+                             "per term, below where the real leaderboard's best sit")
     # system
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes (0: one per CPU core)")
@@ -447,7 +469,7 @@ def main(argv=None):
     args = parse_args(argv)
     print(vars(args))
     make_dataset(args.out, args.train_studies, args.test_studies, args.seed, args.size, args.quirks,
-                 args.balanced, args.workers, args.split_axial)
+                 args.balanced, args.workers, args.split_axial, args.reader_noise)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,47 @@ def test_labels_sit_inside_their_frame_on_the_labelled_slice(quirky):
             d, col, row_px = data.label_to_volume(series, row.instance_number, row.x, row.y)
             height, width = series.volume.shape[1:]
             assert 0 <= col < width and 0 <= row_px < height
+
+
+def test_the_reader_posterior_is_the_normal_probability_of_each_grade_boundary():
+    """Hand-computed: canal bounds 0.75 / 0.40, reader error N(0, 0.1) on the canal and N(0, 0.15)
+    on a foramen (bounds 0.775 / 0.375); Phi(1.5) = 0.9331928, Phi(-2) = 0.0227501 from a table."""
+    import phantom
+    openness = np.full((5, 5), 0.6)
+    openness[1, 0] = 0.775  # a foramen exactly at its Normal/Moderate bound
+    posterior = phantom.reader_posterior(openness, 0.1)
+    canal = posterior[0, 0]
+    assert canal == pytest.approx([1 - 0.9331928, 0.9331928 - 0.0227501, 0.0227501], abs=1e-6)
+    assert posterior[1, 0, 0] == pytest.approx(0.5, abs=1e-9)
+    assert np.allclose(posterior.sum(-1), 1)
+    # the reader draws its grades with exactly these probabilities
+    rng = np.random.default_rng(0)
+    grades = np.stack([phantom.read_grades(rng, openness, 0.1) for _ in range(20000)])
+    observed = [(grades[:, 0, 0] == k).mean() for k in range(3)]
+    assert observed == pytest.approx(canal.tolist(), abs=0.01)
+
+
+def test_the_same_seed_with_and_without_a_reader_writes_the_same_images(tmp_path):
+    """The reader has its own random stream: only the labels change, and the test split gets
+    oracle.csv, the posterior of every test label, in submission format."""
+    import infer
+    clean, noisy = tmp_path / "clean", tmp_path / "noisy"
+    synthetic.make_dataset(str(clean), 3, 2, seed=5, size=48, workers=1)
+    synthetic.make_dataset(str(noisy), 3, 2, seed=5, size=48, workers=1, reader_noise=0.12)
+    images = sorted(p.relative_to(clean) for p in clean.rglob("*.dcm"))
+    assert images == sorted(p.relative_to(noisy) for p in noisy.rglob("*.dcm")) and images
+    assert all((clean / p).read_bytes() == (noisy / p).read_bytes() for p in images)
+    assert (clean / "train_label_coordinates.csv").read_text() == (
+        noisy / "train_label_coordinates.csv").read_text()
+    labels = [pd.read_csv(folder / name, dtype=str, keep_default_na=False)
+              for folder in (clean, noisy) for name in ("train.csv", "solution.csv")]
+    assert not labels[0].equals(labels[2]) or not labels[1].equals(labels[3])
+    assert not (clean / "oracle.csv").exists()
+    oracle = pd.read_csv(noisy / "oracle.csv")
+    test_ids = pd.read_csv(noisy / "solution.csv")["study_id"]
+    expected = [f"{s}_{c}" for s in test_ids for c in data.LABEL_COLUMNS]
+    assert sorted(oracle["row_id"]) == sorted(expected)
+    assert np.allclose(oracle[data.SUBMISSION_COLUMNS].sum(1), 1)
+    best = infer.read_oracle(str(noisy), "test")[data.SUBMISSION_COLUMNS].to_numpy()
+    weighted = oracle[data.SUBMISSION_COLUMNS].to_numpy() * [1, 2, 4]
+    assert np.allclose(best, weighted / weighted.sum(1, keepdims=True), atol=2e-4)
