@@ -359,6 +359,35 @@ def write_csv(rows, columns, path):
                                                                                       index=False)
 
 
+def write_tables(out_dir, results):
+    """The competition CSVs of the studies made, the test truth beside them, and oracle.csv where
+    a reader labelled them."""
+    for split, labels_name, coordinates_name in (
+        ("train", "train.csv", "train_label_coordinates.csv"),
+        ("test", "solution.csv", "solution_coordinates.csv"),
+    ):
+        studies = [r for r in results if r["split"] == split]
+        write_csv([[r["study_id"], *r["labels"]] for r in studies], ["study_id", *LABEL_COLUMNS],
+                  os.path.join(out_dir, labels_name))
+        write_csv([row for r in studies for row in r["coordinates"]],
+                  ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
+                  os.path.join(out_dir, coordinates_name))
+        write_csv([row for r in studies for row in r["series"]],
+                  ["study_id", "series_id", "series_description"],
+                  os.path.join(out_dir, f"{split}_series_descriptions.csv"))
+    test_ids = sorted(r["study_id"] for r in results if r["split"] == "test")
+    submission = [[f"{study_id}_{column}", 1 / 3, 1 / 3, 1 / 3]
+                  for study_id in test_ids for column in LABEL_COLUMNS]
+    pd.DataFrame(submission, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
+        os.path.join(out_dir, "sample_submission.csv"), index=False)
+    tested = [r for r in results if r["split"] == "test" and r["oracle"] is not None]
+    if tested:  # the best possible grades of the test labels, in submission format
+        oracle = [[f"{r['study_id']}_{column}", *r["oracle"][j]] for r in tested
+                  for j, column in enumerate(LABEL_COLUMNS)]
+        pd.DataFrame(oracle, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
+            os.path.join(out_dir, "oracle.csv"), index=False)
+
+
 def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False,
                  workers=0, split_axial=SPLIT_AXIAL_RATE, reader_noise=0.0):
     """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}.
@@ -385,32 +414,7 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
     else:
         with multiprocessing.Pool(workers) as pool:
             results = pool.map(make_study, jobs, chunksize=1)
-    for split, labels_name, coordinates_name in (
-        ("train", "train.csv", "train_label_coordinates.csv"),
-        ("test", "solution.csv", "solution_coordinates.csv"),
-    ):
-        studies = [r for r in results if r["split"] == split]
-        write_csv([[r["study_id"], *r["labels"]] for r in studies], ["study_id", *LABEL_COLUMNS],
-                  os.path.join(out_dir, labels_name))
-        write_csv([row for r in studies for row in r["coordinates"]],
-                  ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"],
-                  os.path.join(out_dir, coordinates_name))
-        write_csv([row for r in studies for row in r["series"]],
-                  ["study_id", "series_id", "series_description"],
-                  os.path.join(out_dir, f"{split}_series_descriptions.csv"))
-    test_ids = sorted(r["study_id"] for r in results if r["split"] == "test")
-    submission = [
-        [f"{study_id}_{column}", 1 / 3, 1 / 3, 1 / 3]
-        for study_id in test_ids
-        for column in LABEL_COLUMNS
-    ]
-    pd.DataFrame(submission, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
-        os.path.join(out_dir, "sample_submission.csv"), index=False)
-    if reader_noise:  # the best possible grades of the test labels, in submission format
-        oracle = [[f"{r['study_id']}_{column}", *r["oracle"][j]] for r in results
-                  if r["split"] == "test" for j, column in enumerate(LABEL_COLUMNS)]
-        pd.DataFrame(oracle, columns=["row_id", *SUBMISSION_COLUMNS]).to_csv(
-            os.path.join(out_dir, "oracle.csv"), index=False)
+    write_tables(out_dir, results)
     quirk_rows = [row for r in results for row in r["quirks"]]
     write_csv(quirk_rows, ["study_id", "series_id", "series_description", "quirk", "detail"],
               os.path.join(out_dir, "quirks.csv"))
