@@ -245,6 +245,7 @@ def axial_errors(model, loaded, targets, canal_mm, image_size, device):
     the slice is chosen from (choose_axial_slice), or None.
     """
     mm, slices = [], []
+    planes = {}  # slice -> both recesses predicted on it: the two sides usually share a slice
     for level, level_targets in enumerate(targets):
         choice = None
         if canal_mm is not None:
@@ -253,8 +254,9 @@ def axial_errors(model, loaded, targets, canal_mm, image_size, device):
             if not np.isfinite(level_targets[side]).all():
                 continue
             d = int(level_targets[side, 0])
-            plane_px, _ = predict_axial(model, loaded.series, d, image_size, device)
-            predicted = np.r_[d, plane_px[side]][None]
+            if d not in planes:
+                planes[d], _ = predict_axial(model, loaded.series, d, image_size, device)
+            predicted = np.r_[d, planes[d][side]][None]
             error_mm, _ = losses.point_errors(loaded.series, predicted, level_targets[side][None])
             mm.append(error_mm[0])
             slices.append(abs(choice[1] - d) if choice is not None else np.inf)
