@@ -22,9 +22,11 @@ import numpy as np
 import pandas as pd
 
 import data
+import inputs
 import losses
 import tables
 import training
+import viz
 from predict import grade_study, load_landmark_models, load_severity_models, predict_landmarks
 
 
@@ -54,6 +56,11 @@ def parse_args(argv=None):
     parser.add_argument("--tta-shift-mm", type=float, default=0.0,
                         help="also grade crops moved this far up, down, forward and back, and "
                         "average (0: off); softens the cost of a misplaced landmark")
+    parser.add_argument("--report", type=int, default=0,
+                        help="write OUT/report_<study_id>.png, one page of what each stage did, "
+                        "for the first N studies (and OUT/confusion.png where the truth is known)")
+    parser.add_argument("--report-studies", default="",
+                        help="comma-separated study ids to write a report for (as --report)")
     parser.add_argument("--score", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the landmarks and score the submission where the split's "
                         "truth is known")
@@ -156,6 +163,7 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
     truth = truth_coordinates(args) if args.true_landmarks else None
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     rows, fallbacks = [], {}
+    reported, seconds = studies_to_report(args, study_ids), []
     for i, study_id in enumerate(study_ids):
         series_of_type = descriptions.get(study_id, {})
         study, problems = load_study(args.data_dir, args.split, study_id, series_of_type,
@@ -175,16 +183,79 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
             warnings.warn(f"study {study_id}: {len(missing)} rows fall back to the training prior "
                           f"({', '.join(missing)}); {why}")
         rows += landmark_rows(study_id, study, landmarks)
+        if study_id in reported:
+            started = time.time()
+            why = [why_prior(j, problems + notes) if not ok else "" for j, ok in
+                   enumerate(available)]
+            write_report(args, study_id, study, landmarks, severity_models[0].settings,
+                         list(zip(losses.finalise(probabilities[i]), reported[study_id], why)))
+            seconds.append(time.time() - started)
+    if seconds:
+        print(f"wrote {len(seconds)} reports to {args.out_dir} ({np.mean(seconds):.2f} s each)")
     return probabilities, rows, fallbacks
+
+
+def why_prior(column, messages):
+    """Of a study's warnings, those about label column's series type (and its level, where a
+    warning names a level), or "no landmark found"."""
+    condition, level = data.COLUMN_POINTS[column]
+    series_type = data.SERIES_OF_CONDITION[condition]
+    level_name = data.LEVEL_NAMES[data.LEVELS.index(level)]
+    about = [m for m in messages if series_type in m
+             and (level_name in m or not any(name in m for name in data.LEVEL_NAMES))]
+    return "; ".join(about) or "no landmark found"
+
+
+def studies_to_report(args, study_ids):
+    """{study_id: (25,) true grade indices, MISSING where unknown} of the studies --report and
+    --report-studies name."""
+    chosen = study_ids[:args.report]
+    chosen += [int(s) for s in args.report_studies.split(",") if s.strip()]
+    labels = {study_id: np.full(data.N_LABELS, data.MISSING) for study_id in chosen}
+    path = labels_path(args.data_dir, args.split)
+    if chosen and os.path.exists(path):
+        for study_id, row in zip(*tables.read_labels(path)):
+            if study_id in labels:
+                labels[study_id] = row
+    return labels
+
+
+def write_report(args, study_id, study, landmarks, settings, rows):
+    """OUT/report_<study_id>.png (viz.write_report); rows: 25 (submitted probabilities, true grade,
+    why the row got the prior) in LABEL_COLUMNS order."""
+    crops, _, columns = inputs.study_crops(study, landmarks, settings)
+    by_column = dict(zip(columns.tolist(), crops))
+    rows = [dict(probabilities=p, truth=int(t), note=str(n)) for p, t, n in rows]
+    path = os.path.join(args.out_dir, f"report_{study_id}.png")
+    return viz.write_report(path, f"study {study_id}", study, landmarks, by_column, rows)
+
+
+def write_confusion(args, study_ids, probabilities):
+    """OUT/confusion.png of the split's graded studies (rows true, columns most likely), where the
+    truth is known."""
+    path = labels_path(args.data_dir, args.split)
+    if not os.path.exists(path):
+        return
+    position = {study_id: i for i, study_id in enumerate(study_ids)}
+    known, labels = tables.read_labels(path)
+    keep = [k for k, study_id in enumerate(known) if study_id in position]
+    graded = probabilities[[position[known[k]] for k in keep]]
+    matrices = losses.confusion_matrices(labels[keep], graded)
+    viz.save_confusion_png(os.path.join(args.out_dir, "confusion.png"), matrices)
 
 
 # -----------------------------------------------------------------------------
 # scores, when the truth is known
 
 
+def labels_path(data_dir, split):
+    """Where the split's known grades would be: train.csv, or solution.csv beside a test split."""
+    return os.path.join(data_dir, "train.csv" if split == "train" else "solution.csv")
+
+
 def truth_for(data_dir, split, study_ids):
     """The train.csv-shaped truth of these studies, or None when the split has no known labels."""
-    path = os.path.join(data_dir, "train.csv" if split == "train" else "solution.csv")
+    path = labels_path(data_dir, split)
     if not os.path.exists(path):
         return None
     solution = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -325,6 +396,8 @@ def main(argv=None):
     probabilities, rows, fallbacks = predict_split(args, study_ids, landmark_models,
                                                    severity_models, prior, device)
     submission = losses.probabilities_to_submission(study_ids, losses.finalise(probabilities))
+    if args.report or args.report_studies:
+        write_confusion(args, study_ids, probabilities)
     submission_path = os.path.join(args.out_dir, "submission.csv")
     submission.to_csv(submission_path, index=False)
     columns = ["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]

@@ -124,6 +124,21 @@ def mean_of_terms(terms):
     return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
+def confusion_matrices(labels, probabilities):
+    """{group: (3, 3) counts [true, predicted]} over the labelled rows of labels (N, 25) and
+    probabilities (N, 25, 3)."""
+    predicted = probabilities.argmax(-1)
+    n = N_SEVERITIES
+    out = {}
+    for name, conditions in GROUP_CONDITIONS.items():
+        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
+        truth = labels[:, columns].ravel()
+        guess = predicted[:, columns].ravel()
+        keep = truth != MISSING
+        out[name] = np.bincount(truth[keep] * n + guess[keep], minlength=n * n).reshape(n, n)
+    return out
+
+
 def labels_to_solution(study_ids, labels):
     """(N,) study ids and (N, 25) class indices (MISSING = empty) -> a train.csv-shaped
     DataFrame."""

@@ -239,21 +239,6 @@ def validation_metrics(entries, probabilities):
     return metrics
 
 
-def confusion_matrices(entries, probabilities):
-    """{group: (3, 3) counts [true, predicted]} over labelled rows."""
-    labels = np.stack([e.labels for e in entries])
-    predicted = probabilities.argmax(-1)
-    n = data.N_SEVERITIES
-    out = {}
-    for name, conditions in data.GROUP_CONDITIONS.items():
-        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
-        truth = labels[:, columns].ravel()
-        guess = predicted[:, columns].ravel()
-        keep = truth != data.MISSING
-        out[name] = np.bincount(truth[keep] * n + guess[keep], minlength=n * n).reshape(n, n)
-    return out
-
-
 def honest_landmark_models(args, device):
     """The landmark models for the honest validation, or {} with a loud warning when there are none.
 
@@ -308,7 +293,7 @@ def final_validation(prior, entries, landmark_models, args, device):
     study_ids = [e.study_id for e in entries]
     submission = losses.probabilities_to_submission(study_ids, losses.finalise(probabilities))
     submission.to_csv(os.path.join(args.out_dir, f"validation_fold{args.fold}.csv"), index=False)
-    matrices = confusion_matrices(entries, probabilities)
+    matrices = losses.confusion_matrices(labels, probabilities)
     save_confusion_png(os.path.join(args.out_dir, "confusion_predicted_landmarks.png"), matrices)
     for name, matrix in matrices.items():
         print(f"confusion {name} (rows true N/M/S, columns predicted):\n{matrix}")

@@ -175,11 +175,9 @@ def test_readme_inference_recipe_copies_exactly_what_infer_py_imports():
         if name not in needed:
             needed.add(name)
             todo += sorted(imported_modules(ROOT / f"{name}.py") & local)
-    copy_line = next(
-        line
-        for line in (ROOT / "README.md").read_text().splitlines()
-        if line.startswith("cp ") and "code/" in line
-    )
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")  # continued lines joined
+    copy_line = next(line for line in readme.splitlines()
+                     if line.startswith("cp ") and "code/" in line)
     copied = {word[:-3] for word in copy_line.split()[1:] if word.endswith(".py")}
     assert (
         copied == needed

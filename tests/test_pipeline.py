@@ -278,8 +278,8 @@ def test_inference_only_recipe_runs_with_just_the_files_the_readme_lists(tiny, t
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme = open(os.path.join(root, "README.md")).read()
-    files = re.search(r"^cp ((?:\w+\.py )+)code/$", readme, flags=re.M).group(1).split()
+    readme = open(os.path.join(root, "README.md")).read().replace("\\\n", " ")  # lines joined
+    files = re.search(r"^cp ((?:\w+\.py +)+)code/$", readme, flags=re.M).group(1).split()
     assert ("infer.py" in files and "train_landmarks.py" not in files
             and "train_severity.py" not in files)
     code = tmp_path / "code"
@@ -422,3 +422,75 @@ def test_eval_mode_grades_what_training_fitted_when_most_rows_have_no_landmark(t
     assert fitted < 0.5 * first  # training did fit the batch
     # eval mode grades as training fitted (was 0.30 vs 0.00)
     assert graded < 1.5 * fitted + 0.05, (graded, fitted)
+
+
+def test_reports_name_why_rows_got_the_prior_and_show_every_axial_series(trained, tmp_path,
+                                                                         monkeypatch):
+    import viz
+    # every study's axial levels on two series; with quirks, one study lacks a series
+    synthetic.make_dataset(str(tmp_path), 0, 3, seed=4, size=64, quirks=True, workers=1,
+                           split_axial=1.0)
+    quirks = pd.read_csv(tmp_path / "quirks.csv")
+    missing = quirks[quirks["quirk"] == "missing_series"].iloc[0]
+    drawn, write_report = {}, viz.write_report
+
+    def keep(path, title, study, landmarks, crops, rows):
+        drawn[int(title.split()[-1])] = (rows, crops, write_report(path, title, study, landmarks,
+                                                                  crops, rows))
+        return drawn[int(title.split()[-1])][2]
+
+    monkeypatch.setattr(viz, "write_report", keep)
+    infer.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"),
+                "--landmark-dir", str(trained), "--severity-checkpoints",
+                str(trained / "severity_last.pt"), "--report", "3"])
+    study_ids = sorted(pd.read_csv(tmp_path / "test_series_descriptions.csv")["study_id"].unique())
+    assert sorted(drawn) == study_ids
+    assert (tmp_path / "run" / "confusion.png").exists()
+    submission = pd.read_csv(tmp_path / "run" / "submission.csv").set_index("row_id")
+    solution = pd.read_csv(tmp_path / "solution.csv").set_index("study_id")
+    for study_id, (rows, crops, (captions, wrong)) in drawn.items():
+        assert (tmp_path / "run" / f"report_{study_id}.png").exists()
+        # a row says why it got the prior exactly when it has no crop
+        assert all(bool(row["note"]) == (j not in crops) for j, row in enumerate(rows))
+        # the marks are the rows whose submitted argmax is not the true grade
+        submitted = submission.loc[[f"{study_id}_{c}" for c in data.LABEL_COLUMNS]]
+        truth = solution.loc[study_id, data.LABEL_COLUMNS]
+        expected = [j for j, (c, t) in enumerate(zip(data.LABEL_COLUMNS, truth))
+                    if isinstance(t, str) and t
+                    and data.SEVERITIES[submitted.loc[f"{study_id}_{c}"].to_numpy().argmax()] != t]
+        assert wrong == expected
+        listed = pd.read_csv(tmp_path / "test_series_descriptions.csv")
+        axial = listed[(listed["study_id"] == study_id)
+                       & (listed["series_description"] == "Axial T2")]["series_id"]
+        if study_id != missing["study_id"]:
+            assert all(any(str(s) in c for c in captions) for s in axial), captions
+    rows, crops, (captions, _) = drawn[int(missing["study_id"])]
+    lost = [j for j, c in enumerate(data.LABEL_COLUMNS)
+            if data.SERIES_OF_CONDITION[c[:-6]] == missing["series_description"]]
+    assert all(missing["series_description"] in rows[j]["note"] for j in lost), rows
+    assert any(missing["series_description"] in c for c in captions), captions
+
+
+def test_a_report_frames_exactly_the_rows_whose_most_likely_grade_is_not_the_truth(tmp_path):
+    import viz
+    rng = np.random.default_rng(0)
+    study = {}  # no series: every row is the prior's, the grid still drawn
+    probabilities = rng.dirichlet(np.ones(3), size=data.N_LABELS)
+    truth = rng.integers(0, 3, size=data.N_LABELS)
+    truth[::7] = data.MISSING
+
+    def magenta_pixels(truth_of_rows):
+        rows = [dict(probabilities=p, truth=int(t), note="no series") for p, t in
+                zip(probabilities, truth_of_rows)]
+        _, wrong = viz.write_report(tmp_path / "r.png", "study 1", study, {}, {}, rows)
+        page = np.asarray(viz.Image.open(tmp_path / "r.png").convert("RGB"))
+        return wrong, int((page == viz.WRONG).all(-1).sum())
+
+    expected = [j for j in range(data.N_LABELS)
+                if truth[j] != data.MISSING and probabilities[j].argmax() != truth[j]]
+    wrong, pixels = magenta_pixels(truth)
+    assert wrong == expected and len(expected) > 3
+    one = np.full(data.N_LABELS, data.MISSING)
+    one[expected[0]] = truth[expected[0]]
+    _, pixels_of_one = magenta_pixels(one)
+    assert pixels_of_one > 0 and pixels == len(expected) * pixels_of_one
