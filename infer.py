@@ -137,11 +137,18 @@ def landmark_rows(study_id, study, landmarks):
 def truth_coordinates(args):
     """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside
     a test split)."""
+    points = labelled_points(args)
+    if points is None:
+        raise FileNotFoundError(f"{args.data_dir}: --true-landmarks needs the split's labelled "
+                                "points (train_label_coordinates.csv or solution_coordinates.csv)")
+    return points
+
+
+def labelled_points(args):
+    """truth_coordinates, or None where the split has no labelled points."""
     name = "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv"
     path = os.path.join(args.data_dir, name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: --true-landmarks needs the split's labelled points")
-    return tables.read_coordinates(path)
+    return tables.read_coordinates(path) if os.path.exists(path) else None
 
 
 def true_landmarks(study, study_id, coordinates):
@@ -164,6 +171,7 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     rows, fallbacks = [], {}
     reported, seconds = studies_to_report(args, study_ids), []
+    points = labelled_points(args) if reported else None
     for i, study_id in enumerate(study_ids):
         series_of_type = descriptions.get(study_id, {})
         study, problems = load_study(args.data_dir, args.split, study_id, series_of_type,
@@ -187,8 +195,14 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
             started = time.time()
             why = [why_prior(j, problems + notes) if not ok else "" for j, ok in
                    enumerate(available)]
+            labelled = {}
+            if points is not None:
+                labelled = true_landmarks(study, study_id, points[points["study_id"] == study_id])
+            labelled = [labelled.get(point) for point in data.COLUMN_POINTS]
+            rows_of_report = zip(losses.finalise(probabilities[i]), reported[study_id], why,
+                                 labelled)
             write_report(args, study_id, study, landmarks, severity_models[0].settings,
-                         list(zip(losses.finalise(probabilities[i]), reported[study_id], why)))
+                         list(rows_of_report))
             seconds.append(time.time() - started)
     if seconds:
         print(f"wrote {len(seconds)} reports to {args.out_dir} ({np.mean(seconds):.2f} s each)")
@@ -222,10 +236,10 @@ def studies_to_report(args, study_ids):
 
 def write_report(args, study_id, study, landmarks, settings, rows):
     """OUT/report_<study_id>.png (viz.write_report); rows: 25 (submitted probabilities, true grade,
-    why the row got the prior) in LABEL_COLUMNS order."""
+    why the row got the prior, labelled Landmark or None) in LABEL_COLUMNS order."""
     crops, _, columns = inputs.study_crops(study, landmarks, settings)
     by_column = dict(zip(columns.tolist(), crops))
-    rows = [dict(probabilities=p, truth=int(t), note=str(n)) for p, t, n in rows]
+    rows = [dict(probabilities=p, truth=int(t), note=str(n), labelled=lm) for p, t, n, lm in rows]
     path = os.path.join(args.out_dir, f"report_{study_id}.png")
     return viz.write_report(path, f"study {study_id}", study, landmarks, by_column, rows)
 

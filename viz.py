@@ -122,18 +122,19 @@ def write_report(path, title, study, landmarks, crops, rows):
     and the label columns it marks wrong.
 
     Top: every series of the study on each slice a landmark was found (its middle slice, marked
-    unused, when none was), the points drawn in the colour of the grade their row got; a grey panel
-    for a series type the study lacks. Below: the 25 rows as a grid (levels down, conditions
+    unused, when none was), the points drawn in the colour of the grade their row got and the
+    labelled points, where known, as white crosses; a grey panel for a series type the study
+    lacks. Below: the 25 rows as a grid (levels down, conditions
     across), each with the centre slice of the crop the severity network graded (right sides
     mirrored, as it saw them) and the submitted probabilities, or the reason the row got the
     prior. Where the truth is known, a magenta frame marks each row whose most likely grade is not
     the true one.
     study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark};
     crops: {column index: (S, C, C) crop}; rows: 25 dicts {probabilities (3,), truth (grade index,
-    or data.MISSING), note (why the row has no crop, or "")}, in data.LABEL_COLUMNS order.
+    or data.MISSING), note (why the row has no crop, or ""), labelled (the labelled
+    data.Landmark, or None)}, in data.LABEL_COLUMNS order.
     """
-    graded = {data.COLUMN_POINTS[j]: int(np.argmax(r["probabilities"])) for j, r in enumerate(rows)}
-    panels, captions = series_panels(study, landmarks, graded)
+    panels, captions = series_panels(study, landmarks, rows)
     grid, wrong = crop_grid(crops, rows)
     per_line = max(1, grid.width // (PANEL_PX + 8))
     lines = [panels[i:i + per_line] for i in range(0, len(panels), per_line)]
@@ -141,7 +142,7 @@ def write_report(path, title, study, landmarks, crops, rows):
     height = 30 + len(lines) * panel_height + grid.height
     page = Image.new("RGB", (grid.width, height), "white")
     draw = ImageDraw.Draw(page)
-    legend = "   ".join(f"{name}" for name in data.SEVERITIES)
+    legend = "   ".join(data.SEVERITIES) + "   + labelled point"
     draw.text((6, 6), f"{title}    grades: {legend}", fill="black", font=font(16))
     x = 6 + draw.textlength(f"{title}    grades: ", font=font(16))
     for name, colour in zip(data.SEVERITIES, GRADE_COLOURS):
@@ -156,9 +157,11 @@ def write_report(path, title, study, landmarks, crops, rows):
     return captions, wrong
 
 
-def series_panels(study, landmarks, graded):
-    """[PIL image] of each (series, slice) holding landmarks, in data.SERIES_TYPES order, and
-    their captions."""
+def series_panels(study, landmarks, rows):
+    """[PIL image] of each (series, slice) holding landmarks or labelled points, in
+    data.SERIES_TYPES order, and their captions."""
+    graded = {data.COLUMN_POINTS[j]: int(np.argmax(r["probabilities"])) for j, r in enumerate(rows)}
+    labelled = {data.COLUMN_POINTS[j]: r["labelled"] for j, r in enumerate(rows) if r["labelled"]}
     panels, captions = [], []
     for series_type in data.SERIES_TYPES:
         of_type = [s for s in study.values() if s.series_type == series_type]
@@ -167,27 +170,32 @@ def series_panels(study, landmarks, graded):
             panels.append(captioned(None, captions[-1]))
         for item in of_type:
             points = [(k, lm) for k, lm in landmarks.items() if lm.series_id == item.series_id]
-            slices = sorted({int(round(lm.slice)) for _, lm in points})
-            depth = item.series.volume.shape[0]
-            for d in slices or [depth // 2]:
+            truth = [lm for lm in labelled.values() if lm.series_id == item.series_id]
+            slices = sorted({int(round(lm.slice)) for lm in [p for _, p in points] + truth})
+            for d in slices or [item.series.volume.shape[0] // 2]:
                 on_slice = [(name, lm) for name, lm in points if int(round(lm.slice)) == d]
+                truth_on_slice = [lm for lm in truth if int(round(lm.slice)) == d]
                 caption = f"{data.SERIES_TAGS[series_type]} {item.series_id} s{d}"
-                if not points:
+                if not slices:
                     caption += " (unused)"
                 captions.append(caption)
-                panels.append(captioned(slice_with_points(item.series, d, on_slice, graded),
-                                        caption))
+                panel = slice_with_points(item.series, d, on_slice, truth_on_slice, graded)
+                panels.append(captioned(panel, caption))
     return panels, captions
 
 
-def slice_with_points(series, d, points, graded):
-    """One slice scaled to fit PANEL_PX, each landmark a ring in its row's grade colour and a
-    label."""
+def slice_with_points(series, d, points, truth, graded):
+    """One slice scaled to fit PANEL_PX, each labelled point (truth) a white cross, each landmark a
+    ring in its row's grade colour and a label."""
     image = inputs.normalise(series.volume[d]).clip(0, 1) * 255
     zoom = PANEL_PX / max(image.shape)
     size = (max(1, round(image.shape[1] * zoom)), max(1, round(image.shape[0] * zoom)))
     panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize(size)
     draw = ImageDraw.Draw(panel)
+    for lm in truth:
+        col, row = (lm.col + 0.5) * zoom - 0.5, (lm.row + 0.5) * zoom - 0.5
+        draw.line([col - 5, row, col + 5, row], fill="white", width=2)
+        draw.line([col, row - 5, col, row + 5], fill="white", width=2)
     for (condition, level), lm in points:
         col, row = (lm.col + 0.5) * zoom - 0.5, (lm.row + 0.5) * zoom - 0.5
         colour = GRADE_COLOURS[graded[(condition, level)]]

@@ -480,8 +480,8 @@ def test_a_report_frames_exactly_the_rows_whose_most_likely_grade_is_not_the_tru
     truth[::7] = data.MISSING
 
     def magenta_pixels(truth_of_rows):
-        rows = [dict(probabilities=p, truth=int(t), note="no series") for p, t in
-                zip(probabilities, truth_of_rows)]
+        rows = [dict(probabilities=p, truth=int(t), note="no series", labelled=None)
+                for p, t in zip(probabilities, truth_of_rows)]
         _, wrong = viz.write_report(tmp_path / "r.png", "study 1", study, {}, {}, rows)
         page = np.asarray(viz.Image.open(tmp_path / "r.png").convert("RGB"))
         return wrong, int((page == viz.WRONG).all(-1).sum())
