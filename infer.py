@@ -372,12 +372,10 @@ def print_landmark_errors(errors):
 def report_truth(args, study_ids, submission, prior):
     """Landmark errors and the score against the truth, where the split has it; the score and
     baseline, or None."""
-    name = "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv"
-    truth_points = os.path.join(args.data_dir, name)
-    if os.path.exists(truth_points):
+    truth = labelled_points(args)
+    if truth is not None:
         predicted_path = os.path.join(args.out_dir, f"landmarks_{args.split}.csv")
         predicted = tables.read_coordinates(predicted_path)
-        truth = tables.read_coordinates(truth_points)
         truth = truth[truth["study_id"].isin(study_ids)]
         errors = landmark_errors(predicted, truth, args.data_dir, args.split, args.cache_dir)
         print_landmark_errors(errors)
