@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cache
 import data
 
 OFFSET_SCALE_MM = 50.0  # the sagittal offset channel is mm / 50: about -1..1 across a lumbar stack
@@ -40,15 +41,31 @@ def normalise(volume, intensity_range=None):
 
 
 def resize_slices(volume, size):
-    """(D, H, W) -> (D, size, size) float32 tensor, bilinear; points follow with data.to_resized().
+    """(D, H, W) -> (D, size, size) tensor, bilinear; points follow with data.to_resized(). float32,
+    or uint8 for uint8 input (a vectorised kernel, a quarter of the bytes to move).
 
     Shrinking averages over each output pixel's footprint (antialias): a 512 px frame read at 96 px
     would otherwise keep one pixel in five and alias the noise and fine detail into the input.
     """
-    tensor = torch.as_tensor(np.ascontiguousarray(volume), dtype=torch.float32)[:, None]
+    tensor = torch.as_tensor(np.ascontiguousarray(volume))
+    if tensor.dtype != torch.uint8:
+        tensor = tensor.float()
     shrinking = size < max(tensor.shape[-2:])
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False,
+    return F.interpolate(tensor[:, None], size=(size, size), mode="bilinear", align_corners=False,
                          antialias=shrinking)[:, 0]
+
+
+def input_slices(series, index, size):
+    """(n, size, size) float32: the slices series.volume[index], normalised, at the network's size.
+
+    A cached volume already holds the normalised intensities as bytes (cache.quantise): those are
+    resized as they are, four times faster than normalising and resizing floats, and within one
+    cache step (0.006) of it. This is what keeps a loader worker ahead of a GPU at 512 px.
+    """
+    if isinstance(series.volume, cache.StoredVolume):
+        stored = np.array(series.volume.stored[index])  # read from the memory map, writable
+        return resize_slices(stored, size).float() * cache.QUANTUM
+    return resize_slices(normalise(series.volume[index], series.intensity_range), size)
 
 
 # -----------------------------------------------------------------------------
@@ -71,7 +88,7 @@ def slice_offsets(series):
 def sagittal_slices(series, size):
     """(D, size, size) every slice of a sagittal series, normalised over the whole series,
     resized."""
-    return resize_slices(normalise(series.volume, series.intensity_range), size)
+    return input_slices(series, slice(None), size)
 
 
 def sagittal_input(image, series):
@@ -93,9 +110,7 @@ def column_direction(series, slice_index):
 def axial_image(series, slice_index, size):
     """(1, size, size) one axial slice, normalised over the whole series, resized; the other slices
     are not read."""
-    return resize_slices(
-        normalise(series.volume[slice_index : slice_index + 1], series.intensity_range), size
-    )
+    return input_slices(series, slice(slice_index, slice_index + 1), size)
 
 
 def axial_input(image, direction):
@@ -142,8 +157,17 @@ def crop_2p5d(series, point_px, size_mm, out_px, n_slices, degrees=0.0):
     below_mm = np.sin(turn) * across + np.cos(turn) * down
     cols = col + right_mm[None] / spacing[:, 1, None, None]  # (S, out_px, out_px) volume columns
     rows = row + below_mm[None] / spacing[:, 0, None, None]
-    grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
-    images = torch.as_tensor(normalise(series.volume[picks], series.intensity_range))[:, None]
+    # read and normalise only the window the samples fall in, one pixel wider for the bilinear
+    # neighbours: a 40 mm crop of a 512 px frame touches about 2 % of it
+    top, bottom = max(math.floor(rows.min()) - 1, 0), min(math.ceil(rows.max()) + 2, height)
+    left, right = max(math.floor(cols.min()) - 1, 0), min(math.ceil(cols.max()) + 2, width)
+    if top >= bottom or left >= right:  # the whole crop lies off the frame
+        return torch.zeros(n_slices, out_px, out_px)
+    window = series.volume[picks, top:bottom, left:right]
+    images = torch.as_tensor(normalise(window, series.intensity_range))[:, None]
+    cols, rows = cols - left, rows - top
+    grid = np.stack([(2 * cols + 1) / (right - left) - 1, (2 * rows + 1) / (bottom - top) - 1],
+                    axis=-1)
     grid = torch.as_tensor(grid, dtype=torch.float32)
     crops = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return crops[:, 0]
@@ -220,10 +244,10 @@ def random_affine(volume, points, max_scale=0.12, max_shift=0.08, max_degrees=8.
     rotation = np.array([[cos, -sin], [sin, cos]]) / scale
     theta = np.concatenate([rotation, shift[:, None]], axis=1)
     theta = torch.tensor(theta, dtype=torch.float32)[None]
-    grid = F.affine_grid(theta.expand(len(volume), 2, 3), (len(volume), 1, size, size),
-                         align_corners=False)
-    warped = F.grid_sample(volume[:, None], grid, mode="bilinear", padding_mode="zeros",
-                           align_corners=False)[:, 0]
+    # one grid, the slices as its channels: built and read once, not once per slice
+    grid = F.affine_grid(theta, (1, len(volume), size, size), align_corners=False)
+    warped = F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros",
+                           align_corners=False)[0]
     # pixel centres -> [-1, 1], align_corners=False convention
     normalised = (2 * points + 1) / size - 1
     moved = (normalised - shift) @ np.linalg.inv(rotation).T

@@ -210,3 +210,42 @@ def test_folds_are_deterministic_balanced_and_order_free():
     sizes = np.bincount(list(folds.values()))
     assert sizes.max() - sizes.min() <= 1 and len(folds) == len(ids)
     assert folds != tables.assign_folds(ids, n_folds=5, seed=4)
+
+
+def test_network_inputs_from_the_cache_match_those_from_the_dicom_within_the_cache_steps(tmp_path):
+    import cache
+    import inputs
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for k in range(4):  # 4 axial slices of 120 x 100 px, smooth plus noise
+        rows, cols = np.mgrid[:120, :100]
+        pixels = 400 + 300 * np.sin(rows / 9.0 + k) * np.cos(cols / 13.0) + rng.normal(0, 20,
+                                                                                      (120, 100))
+        write_frame(folder / f"{k + 1}.dcm", pixels.clip(0).astype(np.uint16),
+                    (-25.0, -30.0, 4.0 * k), instance=k + 1)
+    plain = data.load_series(str(folder))  # float volume: normalise, then resize
+    cached = data.load_series(str(folder), cache_dir=tmp_path / "cache")  # the stored bytes
+    assert isinstance(cached.volume, cache.StoredVolume)
+    assert not isinstance(plain.volume, cache.StoredVolume)
+    for size in (48, 160):  # shrinking (antialiased) and enlarging
+        a = inputs.sagittal_slices(plain, size)
+        b = inputs.sagittal_slices(cached, size)
+        assert a.shape == b.shape == (4, size, size) and b.dtype == a.dtype == torch_float32()
+        # the bytes resized as floats: what the stored-bytes path saves work on
+        floats = inputs.resize_slices(inputs.normalise(cached.volume[:], cached.intensity_range),
+                                      size)
+        # the uint8 kernel rounds its weights and its result: within one step of the floats
+        assert float((floats - b).abs().max()) <= 1.001 * cache.QUANTUM
+        assert float((floats - b).abs().mean()) <= 0.4 * cache.QUANTUM
+        assert float((a - b).abs().max()) <= 2 * cache.QUANTUM  # and the cache's own rounding
+        assert float(a.std()) > 20 * cache.QUANTUM  # the images are not flat
+    np.testing.assert_allclose(inputs.axial_image(cached, 2, 64),
+                               inputs.sagittal_slices(cached, 64)[2:3], atol=1e-6)
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32

@@ -182,3 +182,35 @@ def test_recomputed_batchnorm_statistics_are_the_mean_over_the_batches_and_nothi
         rng, torch.get_rng_state()
     )
     assert net[1].momentum == 0.1 and not net.training  # restored
+
+
+def _full_frame_crop(series, point_px, size_mm, out_px, n_slices, degrees):
+    """Reference: the crop sampled from whole normalised frames (crop_2p5d reads only a window)."""
+    slice_index, col, row = point_px
+    depth, height, width = series.volume.shape
+    picks = np.clip(np.arange(slice_index - n_slices // 2, slice_index + n_slices // 2 + 1), 0,
+                    depth - 1)
+    steps = (np.arange(out_px) + 0.5) / out_px - 0.5
+    across, down = np.meshgrid(steps * size_mm, steps * size_mm)
+    turn = np.radians(degrees)
+    spacing = series.pixel_spacing[picks]
+    cols = col + (np.cos(turn) * across - np.sin(turn) * down)[None] / spacing[:, 1, None, None]
+    rows = row + (np.sin(turn) * across + np.cos(turn) * down)[None] / spacing[:, 0, None, None]
+    grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
+    images = torch.as_tensor(inputs.normalise(series.volume[picks], series.intensity_range))
+    return torch.nn.functional.grid_sample(images[:, None], torch.as_tensor(grid).float(),
+                                           align_corners=False)[:, 0]
+
+
+def test_a_crop_read_from_its_window_equals_one_read_from_the_whole_frame():
+    series = _series(depth=5, height=120, width=90, spacing=(0.8, 0.6),
+                     intensity_range=(100.0, 900.0))
+    series.volume[:] = np.random.default_rng(0).uniform(0, 1000, series.volume.shape)
+    # inside, at each edge and corner, half off the frame, entirely off it; turned and not
+    cases = [(2, 45.0, 60.0, 0.0), (0, 0.3, 0.2, 15.0), (4, 89.6, 119.4, -12.0),
+             (1, -10.0, 60.0, 7.0), (3, 45.0, 130.0, 0.0), (2, 400.0, -300.0, 5.0)]
+    for d, col, row, degrees in cases:
+        window = inputs.crop_2p5d(series, (d, col, row), 30.0, 24, 3, degrees)
+        whole = _full_frame_crop(series, (d, col, row), 30.0, 24, 3, degrees)
+        np.testing.assert_allclose(window.numpy(), whole.numpy(), atol=1e-5)
+    assert whole.abs().max() == 0 and window.shape == (3, 24, 24)  # off the frame: zeros
