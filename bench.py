@@ -1,9 +1,11 @@
-"""Speed and size of the data path, training loops and inference, in one run on a synthetic set.
+"""Speed and size of the data path, networks, training loops and inference on a synthetic set.
 
-    # demo-sized frames (160 px), about a minute on 2 CPU cores
+    # demo-sized frames (160 px), a few minutes on 2 CPU cores
     python bench.py --quick
     # real frame size: 512-640 px, real fields of view and slice counts
     python bench.py --size 512 --studies 6 --quick
+    # the networks beside their loaders only, at real frame size
+    python bench.py --size 512 --studies 6 --parts networks
     # on an existing set and trained run
     python bench.py --data-dir demo --out-dir runs/demo
 
@@ -14,10 +16,15 @@ Prints one line per figure and a final summary line:
    full resolution);
 2. storage per study: DICOM MB, cache MB and their ratio (mean and worst study);
 3. training step time and the share of wall time the loop waits for data, for both training scripts;
-4. inference seconds per study (whole pipeline, no cache and a cold cache) and peak resident memory.
+4. inference seconds per study (whole pipeline, no cache and a cold cache) and peak resident memory;
+5. networks: per network the GFLOP of one training step (FlopCounterMode), seconds per step and
+   GFLOP/s on this device with the scripts' precision, the studies a second it consumes, the same
+   estimated for a GPU from the FLOPs (--gpu-tflops), and beside it the studies a second one loader
+   worker delivers (CPU seconds, one thread, no network): how many workers keep a GPU fed.
 """
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -27,13 +34,18 @@ import time
 import numpy as np
 import pandas as pd
 import pydicom
+import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import infer
 import synthetic
+import tables
 import train_landmarks
 import train_severity
+import training
+from models import LandmarkNet, SeverityNet
 
 
 def parse_args(argv=None):
@@ -58,9 +70,16 @@ def parse_args(argv=None):
     parser.add_argument("--num-workers", type=int, default=1,
                         help="DataLoader workers, as the training scripts' default")
     parser.add_argument("--quick", action="store_true", help="a small set and short runs")
+    parser.add_argument("--parts", default="loading,storage,training,inference,networks",
+                        help="what to measure, comma separated (networks: FLOPs and step rates "
+                             "of each network beside its loader's studies a second)")
+    parser.add_argument("--gpu-tflops", type=float, default=30.0,
+                        help="achieved TFLOP/s for the GPU estimate (about what ResNet-18 "
+                             "training reaches in mixed precision on an A100-class card)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     args = parser.parse_args(argv)
     args.image_size = args.image_size or (160 if args.size >= synthetic.REAL_FRAME else 96)
+    args.parts = set(args.parts.split(","))
     return args
 
 
@@ -165,25 +184,119 @@ def bench_inference(data_dir, run_dir, cache_dir, args):
     return (time.perf_counter() - started) / len(study_ids)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    scratch = tempfile.mkdtemp(prefix="bench_")
-    data_dir = args.data_dir or os.path.join(scratch, "data")
-    if not args.data_dir:
-        studies = min(args.studies, 6) if args.quick else args.studies
-        synthetic.make_dataset(data_dir, studies, max(studies // 2, 2), seed=11, size=args.size)
-    run_dir, cache_dir = args.out_dir or os.path.join(scratch, "run"), os.path.join(
-        scratch, "cache"
-    )
-    if args.quick and not args.steps:
-        args.steps = 4
+def network_cases(args):
+    """(name, network, inputs, studies per step) at the training scripts' default batch shapes."""
+    landmark = train_landmarks.parse_args(["--data-dir", "", "--out-dir", ""])
+    severity = train_severity.parse_args(["--data-dir", "", "--out-dir", ""])
+    size, batch = args.image_size, landmark.batch_size
+    sagittal = torch.randn(batch, landmark.train_depth, 2, size, size)  # Sagittal T1: 10 points
+    yield "landmarks sagittal", LandmarkNet(10), (sagittal,), batch
+    axial = torch.randn(batch * 8, 1, 2, size, size)  # one slice per level and series
+    yield "landmarks axial", LandmarkNet(2), (axial,), batch * 8 / data.N_LEVELS
+    n_crops = severity.batch_size * data.N_LABELS
+    crops = torch.randn(n_crops, severity.n_slices, severity.crop_px, severity.crop_px)
+    groups = torch.randint(0, len(data.GROUPS), (n_crops,))
+    yield "severity", SeverityNet(severity.n_slices), (crops, groups), severity.batch_size
+
+
+def training_step(net, inputs, optimizer, autocast):
+    with autocast:
+        out = net(*inputs)
+    loss = out.float().square().mean()  # a stand-in loss: the network is what is measured
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def seconds_per_step(net, inputs, autocast, device, steps=5):
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    training_step(net, inputs, optimizer, autocast)  # warm-up: allocations, kernel choice
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        training_step(net, inputs, optimizer, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def bench_networks(args, device):
+    """{name: (GFLOP per training step, seconds per step, studies per step)}: forward, backward and
+    AdamW at the scripts' batch shapes, with their precision on this device (training.
+    autocast_context: bfloat16 on CUDA and on a CPU that does it natively)."""
+    autocast, _ = training.autocast_context(device, amp=True)
+    out = {}
+    for name, net, inputs, studies in network_cases(args):
+        optimizer = torch.optim.AdamW(net.parameters())
+        with FlopCounterMode(display=False) as counter:  # the count is the same in any precision
+            training_step(net, inputs, optimizer, contextlib.nullcontext())
+        net = net.to(device)
+        inputs = tuple(t.to(device) for t in inputs)
+        out[name] = (counter.get_total_flops() / 1e9,
+                     seconds_per_step(net, inputs, autocast, device), studies)
+    return out
+
+
+def loader_datasets(data_dir, cache_dir, args):
+    """{name: the training Dataset, augmented}, as the training scripts build them."""
+    where = ["--data-dir", data_dir, "--out-dir", "", "--cache-dir", cache_dir]
+    landmark = train_landmarks.parse_args(where + ["--image-size", str(args.image_size)])
+    labelled = tables.labelled_series(data_dir, "train")
+    sagittal = train_landmarks.items_of_type("sag_t1", labelled, landmark)
+    names = data.POINTS_OF_SERIES[data.TAG_SERIES["sag_t1"]]
+    axial = train_landmarks.items_of_type("axial", labelled, landmark)
+    severity = train_severity.parse_args(where)
+    studies = train_severity.labelled_studies(data_dir)
+    return {"landmarks sagittal": train_landmarks.SagittalDataset(sagittal, names, landmark, True),
+            "landmarks axial": train_landmarks.AxialDataset(axial, landmark, True),
+            "severity": train_severity.StudyCrops(studies, severity, True)}
+
+
+def bench_loader(data_dir, cache_dir, args, max_items=24):
+    """{name: studies a second}: one loader process reading the training samples of max_items
+    studies, augmented, no network, on a warm cache. Timed in CPU seconds with one thread, as a
+    DataLoader worker runs, so another job on the machine does not change the figure."""
+    out, threads = {}, torch.get_num_threads()
+    torch.set_num_threads(1)
+    for name, dataset in loader_datasets(data_dir, cache_dir, args).items():
+        studies = {dataset.study_of(i) for i in range(len(dataset))}
+        samples_per_study = len(dataset) / len(studies)
+        count = min(len(dataset), int(max_items * samples_per_study))
+        for i in range(count):  # warm: the cache files exist
+            dataset[i]
+        started = time.process_time()
+        for i in range(count):
+            dataset[i]
+        out[name] = count / samples_per_study / (time.process_time() - started)
+    torch.set_num_threads(threads)
+    return out
+
+
+def print_rates(networks, loader, device, gpu_tflops):
+    """The loader's studies a second per worker beside what each network consumes: measured on
+    this device, and estimated from its FLOPs at gpu_tflops achieved."""
+    print(f"network step on {device} (forward + backward + AdamW), loader with no network:")
+    print("  name                GFLOP/step  s/step  GFLOP/s  net studies/s  "
+          f"GPU@{gpu_tflops:g}TF studies/s  loader studies/s/worker  workers for GPU")
+    for name, (gflop, seconds, studies) in networks.items():
+        gpu_rate = studies / (gflop / (gpu_tflops * 1e3))
+        workers = gpu_rate / loader[name]
+        print(f"  {name:18s}  {gflop:10.1f}  {seconds:6.3f}  {gflop / seconds:7.0f}  "
+              f"{studies / seconds:13.1f}  {gpu_rate:20.0f}  {loader[name]:23.1f}  "
+              f"{workers:15.1f}")
+
+
+def report_loading(data_dir, cache_dir, args):
     rates = bench_loading(data_dir, cache_dir, args.image_size, max_series=9 if args.quick else 30)
     for name, rate in rates.items():
         print(f"loading {name:7s} {rate:9.1f} slices/s")
-    print(
-        f"loading cached/naive {rates['cached'] / rates['naive']:.1f}x "
-        f"(float/naive {rates['float'] / rates['naive']:.1f}x)"
-    )
+    ratio = rates["cached"] / rates["naive"]
+    print(f"loading cached/naive {ratio:.1f}x (float/naive {rates['float'] / rates['naive']:.1f}x)")
+    return [f"cached loading {ratio:.1f}x naive"]
+
+
+def report_storage(data_dir, scratch):
     storage = bench_storage(data_dir, "test", os.path.join(scratch, "cache_storage"))
     ratio = storage[:, 1] / storage[:, 0]
     print(
@@ -191,11 +304,19 @@ def main(argv=None):
         f"cache {storage[:, 1].mean():.1f} MB, cache/DICOM mean "
         f"{ratio.mean():.2f}, worst {ratio.max():.2f} ({len(storage)} studies)"
     )
-    training = bench_training(data_dir, run_dir, cache_dir, args)
-    for name, (step, wait) in training.items():
+    return [f"cache/DICOM {ratio.mean():.2f} (worst {ratio.max():.2f})"]
+
+
+def report_training(data_dir, run_dir, cache_dir, args):
+    steps = bench_training(data_dir, run_dir, cache_dir, args)
+    for name, (step, wait) in steps.items():
         print(f"training {name:9s} {step:6.3f} s/step, data wait {100 * wait:4.1f} % of wall time")
-    train_peak = peak_rss_gib()
-    print(f"training peak resident memory {train_peak:.2f} GiB")
+    print(f"training peak resident memory {peak_rss_gib():.2f} GiB")
+    return [f"step {name} {step:.2f} s (data wait {100 * wait:.1f} %)"
+            for name, (step, wait) in steps.items()]
+
+
+def report_inference(data_dir, run_dir, scratch, args):
     uncached = bench_inference(data_dir, run_dir, "", args)
     cold = bench_inference(data_dir, run_dir, os.path.join(scratch, "cache_infer"), args)
     print(
@@ -203,17 +324,40 @@ def main(argv=None):
         f"{cold:.2f} s/study with a cold cache (whole pipeline), "
         f"peak resident memory {peak_rss_gib():.2f} GiB"
     )
-    print(
-        f"summary: {args.size} px frames; "
-        f"cached loading {rates['cached'] / rates['naive']:.1f}x naive; "
-        f"cache/DICOM {ratio.mean():.2f} (worst {ratio.max():.2f}); "
-        f"step landmarks {training['landmarks'][0]:.2f} s, "
-        f"severity {training['severity'][0]:.2f} s; "
-        f"data wait landmarks {100 * training['landmarks'][1]:.1f} %, "
-        f"severity {100 * training['severity'][1]:.1f} %; "
-        f"inference {uncached:.2f} s/study (cold cache {cold:.2f}); "
-        f"peak memory {peak_rss_gib():.2f} GiB"
-    )
+    return [f"inference {uncached:.2f} s/study (cold cache {cold:.2f})"]
+
+
+def report_networks(data_dir, cache_dir, args):
+    device = training.resolve_device(args.device)
+    networks = bench_networks(args, device)
+    loader = bench_loader(data_dir, cache_dir, args)
+    print_rates(networks, loader, device, args.gpu_tflops)
+    return [f"{name} loader {loader[name]:.1f} studies/s/worker" for name in networks]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    scratch = tempfile.mkdtemp(prefix="bench_")
+    data_dir = args.data_dir or os.path.join(scratch, "data")
+    if not args.data_dir:
+        studies = min(args.studies, 6) if args.quick else args.studies
+        synthetic.make_dataset(data_dir, studies, max(studies // 2, 2), seed=11, size=args.size)
+    run_dir = args.out_dir or os.path.join(scratch, "run")
+    cache_dir = os.path.join(scratch, "cache")
+    if args.quick and not args.steps:
+        args.steps = 4
+    summary = [f"{args.size} px frames"]
+    if "loading" in args.parts:
+        summary += report_loading(data_dir, cache_dir, args)
+    if "storage" in args.parts:
+        summary += report_storage(data_dir, scratch)
+    if "training" in args.parts or "inference" in args.parts:  # inference needs the checkpoints
+        summary += report_training(data_dir, run_dir, cache_dir, args)
+    if "inference" in args.parts:
+        summary += report_inference(data_dir, run_dir, scratch, args)
+    if "networks" in args.parts:
+        summary += report_networks(data_dir, cache_dir, args)
+    print(f"summary: {'; '.join(summary)}; peak memory {peak_rss_gib():.2f} GiB")
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -494,3 +494,25 @@ def test_a_report_frames_exactly_the_rows_whose_most_likely_grade_is_not_the_tru
     one[expected[0]] = truth[expected[0]]
     _, pixels_of_one = magenta_pixels(one)
     assert pixels_of_one > 0 and pixels == len(expected) * pixels_of_one
+
+
+def test_cpu_autocast_is_off_by_default_and_bfloat16_on_request_where_it_is_native():
+    import torch
+
+    import training
+    from models import SeverityNet
+
+    net = SeverityNet(n_slices=3)
+    crops, groups = torch.zeros(2, 3, 32, 32), torch.tensor([0, 1])
+    native = torch.bfloat16 if training.cpu_has_bfloat16() else torch.float32
+    for amp, expected in ((None, torch.float32), (True, native), (False, torch.float32)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            autocast, scaler = training.autocast_context(torch.device("cpu"), amp)
+        with autocast:
+            assert net(crops, groups).dtype == expected, f"--amp {amp}"
+        assert not scaler.is_enabled()  # bfloat16 needs no loss scaling
+        # asked for and not native: said so
+        assert bool(caught) == (amp is True and expected == torch.float32)
+    for flags, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
+        assert train_severity.parse_args(["--data-dir", "d", "--out-dir", "o"] + flags).amp == amp
