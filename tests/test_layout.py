@@ -182,3 +182,29 @@ def test_readme_inference_recipe_copies_exactly_what_infer_py_imports():
     assert (
         copied == needed
     ), f"README inference recipe: missing {needed - copied}, not needed {copied - needed}"
+
+
+def readme_commands(text):
+    """[(script, [flags])] of every `python <script>.py ...` command in the README's bash blocks,
+    continued lines joined and `&&` chains split."""
+    blocks = re.findall(r"```bash\n(.*?)```", text.replace("\\\n", " "), flags=re.S)
+    commands = []
+    for line in "\n".join(blocks).splitlines():
+        for part in line.split("&&"):
+            words = shlex.split(part.split("#")[0])
+            if len(words) > 1 and words[0] == "python" and words[1].endswith(".py"):
+                commands.append((words[1], words[2:]))
+    return commands
+
+
+def test_every_readme_command_names_flags_its_script_accepts():
+    commands = readme_commands((ROOT / "README.md").read_text())
+    assert {"synthetic.py", "train_landmarks.py", "train_severity.py", "infer.py"} <= {
+        script for script, _ in commands}
+    for script, flags in commands:
+        module = importlib.import_module(script[:-3])
+        module.parse_args([flag.replace("$k", "0") for flag in flags])
+    fake = "```bash\npython infer.py --data-dir d \\\n  --no-such-flag && python x.py\n```\n"
+    with pytest.raises(SystemExit):  # the check itself can fail
+        for script, flags in readme_commands(fake):
+            importlib.import_module(script[:-3]).parse_args(flags)
