@@ -152,12 +152,13 @@ def crossing_flags(coordinates):
 
 
 def recess_x_flags(coordinates):
-    """Left recess at a smaller image column than the right one on the same axial instance: in
-    the standard axial view the patient's left is on the image's right (larger x). Whether this
-    series is standard only its headers say."""
+    """Left recess at a smaller image column than the right one on the same axial series (one
+    field of view; on two series the columns do not compare): in the standard axial view the
+    patient's left is on the image's right (larger x). Whether this series is standard only its
+    headers say."""
     flags = []
     for left, right in side_pairs(coordinates, STRUCTURES[1]):
-        if left.instance_number == right.instance_number and left.x < right.x:
+        if left.x < right.x:
             reason = f"left recess {right.x - left.x:.1f} px left of the right one in the image"
             flags += [flag(left, "recess_swapped_x", reason, pixels=left.x - right.x),
                       flag(right, "recess_swapped_x", reason, pixels=right.x - left.x)]
