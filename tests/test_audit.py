@@ -87,6 +87,13 @@ def test_levels_out_of_order_with_nothing_to_compare_are_both_flagged():
     assert audit.geometry_flags(canal_only) == []
 
 
+def test_of_two_levels_on_one_disc_the_one_off_its_level_is_flagged():
+    name = ("right_subarticular_stenosis", "l4_l5")
+    placed = moved(made_up_study(), name, z=LEVEL_Z[3] + 16.0)  # 14 mm below L3/L4
+    assert flagged(audit.geometry_flags(placed)) == [(*name, "far_from_level"),
+                                                     (*name, "level_order")]
+
+
 def test_an_axial_slice_13_mm_from_its_level_is_far_from_it():
     name = ("left_subarticular_stenosis", "l2_l3")
     placed = moved(made_up_study(), name, z=LEVEL_Z[1] + 13.0)
@@ -107,12 +114,12 @@ def test_the_model_checks_find_a_slip_and_a_point_off_a_confident_prediction():
     slipped = ("spinal_canal_stenosis", "l3_l4")
     placed = moved(placed, slipped, z=LEVEL_Z[3])
     off = ("left_neural_foraminal_narrowing", "l1_l2")
-    placed = moved(placed, off, y=35.0)
+    placed = moved(placed, off, y=40.0)
     assert flagged(audit.model_flags(placed, guesses)) == [
-        (*off, "far_from_prediction"), (*slipped, "level_slip")]
+        (*off, "far_from_prediction"), (*slipped, "prediction_slip")]
     unsure = dict(guesses)
     unsure[off] = guesses[off]._replace(confidence=audit.MIN_CONFIDENCE / 2)
-    assert flagged(audit.model_flags(placed, unsure)) == [(*slipped, "level_slip")]
+    assert flagged(audit.model_flags(placed, unsure)) == [(*slipped, "prediction_slip")]
 
 
 # -----------------------------------------------------------------------------
