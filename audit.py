@@ -382,8 +382,9 @@ def guesses_of(study, landmarks):
 
 def model_flags(placed, guesses):
     """prediction_slip: a label farther than MODEL_FAR_MM from the model's prediction of it and
-    within it of the prediction of a neighbouring level; far_from_prediction: as far from a prediction the
-    model is at least MIN_CONFIDENCE sure of. slices: the offset along the label's slice normal."""
+    within it of the prediction of a neighbouring level; far_from_prediction: as far from a
+    prediction the model is at least MIN_CONFIDENCE sure of. slices: the offset along the label's
+    slice normal."""
     flags = []
     for (condition, level), label in placed.items():
         guess = guesses.get((condition, level))
