@@ -3,9 +3,12 @@
 The 3D phantom of phantom.py (vertebral bodies, discs, canal, foramina, lateral recesses; random
 pose, size, contrast, noise) is evaluated on the pixel grid of every slice of three DICOM series per
 study, with real DICOM geometry tags. Labels are projected into the slices through the same
-geometry. Test truth goes to solution.csv and solution_coordinates.csv only.
+geometry. Test truth goes to solution.csv and solution_coordinates.csv only. With --label-errors a
+known share of the training coordinates is made wrong and named in label_errors.csv: the benchmark
+of audit.py.
 
     python synthetic.py --out /tmp/spine --train-studies 40 --test-studies 10 --seed 0 --quirks
+    python synthetic.py --out /tmp/spine_errors --label-errors 0.05 --seed 0
 """
 
 import argparse
@@ -222,6 +225,107 @@ def apply_quirk(rng, kind, anatomy, series_list, spare_id, size):
 
 
 # -----------------------------------------------------------------------------
+# label errors: a known share of the training coordinates made wrong, for audit.py to find
+
+LABEL_ERRORS = ["side_swap", "level_slip", "wrong_instance", "off_structure"]
+OFF_STRUCTURE_MM = 10.0, 20.0  # a point moved off its structure goes this far in its plane
+SHIFTED_SLICES = -3, -2, 2, 3  # a wrong instance lies this many slices off: 7-15 mm
+
+
+def corrupt_labels(rng, job, coordinates, anatomy, series_list):
+    """Make about job["label_errors"] of a training study's coordinate rows wrong, in place, each
+    by a kind of LABEL_ERRORS; returns the label_errors.csv rows. A side swap exchanges a left
+    point with its right partner (both rows count); a kind that does not fit a row (a canal point
+    has no side, a slip needs a neighbouring level on the series) leaves the row as it was."""
+    if not job["label_errors"] or job["split"] != "train":
+        return []
+    errors, done = [], set()
+    for i, row in enumerate(coordinates):
+        kind = LABEL_ERRORS[int(rng.integers(len(LABEL_ERRORS)))]
+        if rng.random() >= job["label_errors"] or i in done:
+            continue
+        series = next(s for s in series_list if s["series_id"] == row["series_id"])
+        if kind == "side_swap":
+            changed = swap_sides(coordinates, i, done)
+        else:
+            move = {"level_slip": slip_level, "wrong_instance": shift_instance,
+                    "off_structure": move_off}[kind]
+            detail = move(rng, row, series, anatomy)
+            changed = [(i, detail)] if detail else []
+        for k, detail in changed:
+            done.add(k)
+            keys = ("study_id", "series_id", "condition", "level")
+            errors.append(dict({key: coordinates[k][key] for key in keys}, kind=kind,
+                               detail=detail))
+    return errors
+
+
+def swap_sides(coordinates, i, done):
+    """Exchange row i's point (series, instance, x, y) with its other side's at the same level:
+    [(row, detail)] of both, or [] for a canal point or one whose partner is absent or changed."""
+    row = coordinates[i]
+    side = row["condition"].split()[0]
+    if side not in ("Left", "Right"):
+        return []
+    other = row["condition"].replace(side, "Right" if side == "Left" else "Left")
+    partners = [k for k, r in enumerate(coordinates)
+                if r["condition"] == other and r["level"] == row["level"] and k not in done]
+    if not partners:
+        return []
+    partner, point = coordinates[partners[0]], ("series_id", "instance_number", "x", "y")
+    swapped = {key: partner[key] for key in point}
+    partner.update({key: row[key] for key in point})
+    row.update(swapped)
+    return [(i, f"swapped with {other}"), (partners[0], f"swapped with {row['condition']}")]
+
+
+def slip_level(rng, row, series, anatomy):
+    """Move a row onto its structure one level up or down, on its own series; None when the series
+    covers neither neighbour."""
+    c, j = CONDITION_NAMES.index(row["condition"]), LEVEL_NAMES.index(row["level"])
+    for step in rng.permutation([-1, 1]):
+        k = j + int(step)
+        if not 0 <= k < 5 or k not in series["levels"]:
+            continue
+        candidates = series["stacks"][k] if series["stacks"] else range(len(series["slices"]))
+        slice_index, column, line = project(landmarks(anatomy)[c, k], series["slices"],
+                                            list(candidates))
+        row.update(instance_number=int(series["numbers"][slice_index]), x=round(column, 4),
+                   y=round(line, 4))
+        return f"on {LEVEL_NAMES[k]}"
+    return None
+
+
+def shift_instance(rng, row, series, anatomy):
+    """Move a row SHIFTED_SLICES along its stack, same (x, y); None when its stack is too short.
+    (anatomy: unused, as every mover takes the same arguments.)"""
+    numbers = [int(n) for n in series["numbers"]]
+    d = numbers.index(row["instance_number"])
+    stack = next((s for s in series["stacks"] or [] if s and d in s), range(len(numbers)))
+    size = series["slices"][d]["rows"]  # a frame of another size would put (x, y) elsewhere
+    steps = [s for s in SHIFTED_SLICES
+             if d + s in stack and series["slices"][d + s]["rows"] == size]
+    if not steps:
+        return None
+    new = d + int(rng.choice(steps))
+    row["instance_number"] = numbers[new]
+    return f"instance {numbers[d]} -> {numbers[new]} ({new - d:+d} slices)"
+
+
+def move_off(rng, row, series, anatomy):
+    """Move a row OFF_STRUCTURE_MM in its plane, in a random direction that stays in the frame.
+    (anatomy: unused, as every mover takes the same arguments.)"""
+    slice_ = series["slices"][[int(n) for n in series["numbers"]].index(row["instance_number"])]
+    distance_px = rng.uniform(*OFF_STRUCTURE_MM) / slice_["pixel_spacing"]
+    for angle in rng.uniform(0, 2 * np.pi) + np.arange(8) * np.pi / 4:
+        x, y = row["x"] + distance_px * np.cos(angle), row["y"] + distance_px * np.sin(angle)
+        if 0 <= x <= slice_["cols"] - 1 and 0 <= y <= slice_["rows"] - 1:
+            row.update(x=round(float(x), 4), y=round(float(y), 4))
+            return f"moved {distance_px * slice_['pixel_spacing']:.1f} mm"
+    return None
+
+
+# -----------------------------------------------------------------------------
 # writing one study
 
 def text(values, decimals):
@@ -318,6 +422,8 @@ def make_study(job):
         quirks.append(dict(series_id=series["series_id"], series_description=series["description"],
                            quirk="no_spacing_tags", detail="every test series"))
     labels, coordinates = label_rows(job["study_id"], grades, empty, anatomy, series_list)
+    label_errors = corrupt_labels(np.random.default_rng(stream + [4]), job, coordinates, anatomy,
+                                  series_list)  # own stream: the images do not depend on it
     study_dir = os.path.join(job["out_dir"], f"{job['split']}_images", str(job["study_id"]))
     for series in series_list:
         folder = os.path.join(study_dir, str(series["series_id"]))
@@ -337,7 +443,8 @@ def make_study(job):
                    series_description=s["description"]) for s in series_list]
     quirk_rows = [dict(study_id=job["study_id"], **row) for row in quirks]
     return dict(split=job["split"], study_id=job["study_id"], labels=labels,
-                coordinates=coordinates, series=listed, quirks=quirk_rows, oracle=oracle)
+                coordinates=coordinates, series=listed, quirks=quirk_rows, oracle=oracle,
+                label_errors=label_errors)
 
 
 # -----------------------------------------------------------------------------
@@ -389,11 +496,13 @@ def write_tables(out_dir, results):
 
 
 def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False, balanced=False,
-                 workers=0, split_axial=SPLIT_AXIAL_RATE, reader_noise=0.0):
+                 workers=0, split_axial=SPLIT_AXIAL_RATE, reader_noise=0.0, label_errors=0.0):
     """Write the competition layout under out_dir; returns {"seconds": ..., "bytes": ...}.
 
     reader_noise > 0: labels come from a simulated reader (phantom.read_grades), and oracle.csv
     beside solution.csv holds the Bayes posterior of each test label given the anatomy.
+    label_errors > 0: about that share of the training coordinate rows is made wrong
+    (corrupt_labels), and label_errors.csv beside them names each row and how.
     """
     start, ids = time.time(), draw_ids(seed, train_studies + test_studies)
     cycle = QUIRKS + [None]  # with --quirks each study gets the next quirk in turn (or none)
@@ -401,7 +510,7 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
         dict(split=split, index=i, study_id=ids[offset + i][0], series_ids=ids[offset + i][1],
              seed=seed, size=size, balanced=balanced, quirks=quirks,
              quirk=cycle[i % len(cycle)] if quirks else None, split_axial=split_axial,
-             reader_noise=reader_noise,
+             reader_noise=reader_noise, label_errors=label_errors,
              out_dir=out_dir, corrupt=quirks and split == "test" and i == min(1, test_studies - 1))
         for split, count, offset in (("train", train_studies, 0),
                                      ("test", test_studies, train_studies))
@@ -415,6 +524,10 @@ def make_dataset(out_dir, train_studies, test_studies, seed, size, quirks=False,
         with multiprocessing.Pool(workers) as pool:
             results = pool.map(make_study, jobs, chunksize=1)
     write_tables(out_dir, results)
+    if label_errors:
+        write_csv([row for r in results for row in r["label_errors"]],
+                  ["study_id", "series_id", "condition", "level", "kind", "detail"],
+                  os.path.join(out_dir, "label_errors.csv"))
     quirk_rows = [row for r in results for row in r["quirks"]]
     write_csv(quirk_rows, ["study_id", "series_id", "series_description", "quirk", "detail"],
               os.path.join(out_dir, "quirks.csv"))
@@ -459,6 +572,10 @@ def parse_args(argv=None):
                              "best possible grades of the test labels (0: the drawn grades are the "
                              "labels). 0.12 puts the best possible score at 0.3-0.55 x the prior "
                              "per term, below where the real leaderboard's best sit")
+    parser.add_argument("--label-errors", type=float, default=0.0,
+                        help="make about this share of the training coordinate rows wrong (side "
+                             "swaps, one-level slips, wrong instances, points off their "
+                             "structure), named in label_errors.csv: a benchmark for audit.py")
     # system
     parser.add_argument("--workers", type=int, default=0,
                         help="worker processes (0: one per CPU core)")
@@ -473,7 +590,8 @@ def main(argv=None):
     args = parse_args(argv)
     print(vars(args))
     make_dataset(args.out, args.train_studies, args.test_studies, args.seed, args.size, args.quirks,
-                 args.balanced, args.workers, args.split_axial, args.reader_noise)
+                 args.balanced, args.workers, args.split_axial, args.reader_noise,
+                 args.label_errors)
 
 
 if __name__ == "__main__":

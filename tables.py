@@ -138,6 +138,35 @@ def labelled_series(data_dir, split="train"):
     ]
 
 
+def read_flagged(path):
+    """A CSV that names labels by study_id, condition and level (audit.py's label_audit.csv,
+    synthetic.py's label_errors.csv) -> DataFrame, condition and level in snake_case."""
+    frame = pd.read_csv(path)
+    absent = [c for c in ("study_id", "condition", "level") if c not in frame.columns]
+    if absent:
+        _fail(path, f"missing columns {absent}")
+    frame["condition"] = _normalise_names(frame["condition"].astype(str), CONDITION_NAMES,
+                                          CONDITIONS, path, "condition")
+    frame["level"] = _normalise_names(frame["level"].astype(str), LEVEL_NAMES, LEVELS, path,
+                                      "level")
+    return frame.astype({"study_id": np.int64})
+
+
+def without_flagged(items, flagged):
+    """([LabelledSeries] with the points a read_flagged frame names left out, how many were).
+
+    The point is dropped, so training masks it: no heatmap target, no crop (and a row without a
+    crop has its grade masked in the severity loss)."""
+    names = set(zip(flagged["study_id"].tolist(), flagged["condition"], flagged["level"]))
+    kept, dropped = [], 0
+    for item in items:
+        points = {name: point for name, point in item.points.items()
+                  if (item.study_id, *name) not in names}
+        dropped += len(item.points) - len(points)
+        kept.append(item._replace(points=points))
+    return kept, dropped
+
+
 def assign_folds(study_ids, n_folds=5, seed=0):
     """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any
     input order."""

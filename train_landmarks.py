@@ -47,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
+    parser.add_argument("--exclude-labels", default="",
+                        help="audit.py's label_audit.csv: the labelled points it flags are left "
+                             "out (masked), in training and validation alike")
     parser.add_argument("--image-size", type=int, default=96,
                         help="slices are resized to this square size (px)")
     parser.add_argument("--train-depth", type=int, default=10,
@@ -423,7 +426,11 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_landmarks", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    train_items, val_items = split_items(tables.labelled_series(args.data_dir, "train"), args)
+    items = tables.labelled_series(args.data_dir, "train")
+    if args.exclude_labels:  # the audit's suspects: no target rather than a wrong one
+        items, dropped = tables.without_flagged(items, tables.read_flagged(args.exclude_labels))
+        print(f"--exclude-labels: {dropped} labelled points left out ({args.exclude_labels})")
+    train_items, val_items = split_items(items, args)
     canal_points = {}
     if "axial" in args.series_types:
         canal_points = true_canal_points(val_items, args.cache_dir)

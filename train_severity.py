@@ -42,6 +42,10 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
+    parser.add_argument("--exclude-labels", default="",
+                        help="audit.py's label_audit.csv: the labelled points it flags are left "
+                             "out, so their rows get no crop and their grades are masked in the "
+                             "loss (kept in train.csv and scored in validation)")
     parser.add_argument("--n-slices", type=int, default=5, help="slices per 2.5D crop (odd)")
     parser.add_argument("--crop-px", type=int, default=48,
                         help="crop side in pixels after resampling")
@@ -110,11 +114,16 @@ def parse_args(argv=None):
 LabelledStudy = namedtuple("LabelledStudy", "study_id labels series_items points")
 
 
-def labelled_studies(data_dir):
-    """[LabelledStudy] of train.csv, in its order."""
+def labelled_studies(data_dir, exclude_labels=""):
+    """[LabelledStudy] of train.csv, in its order; without the points an audit CSV flags, when
+    exclude_labels names one (tables.without_flagged)."""
     study_ids, labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
+    items = tables.labelled_series(data_dir, "train")
+    if exclude_labels:
+        items, dropped = tables.without_flagged(items, tables.read_flagged(exclude_labels))
+        print(f"--exclude-labels: {dropped} labelled points left out ({exclude_labels})")
     series_of_study = {}
-    for item in tables.labelled_series(data_dir, "train"):
+    for item in items:
         series_of_study.setdefault(item.study_id, []).append(item)
     out = []
     for study_id, study_labels in zip(study_ids.tolist(), labels):
@@ -543,7 +552,8 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    train_entries, val_entries = split_entries(labelled_studies(args.data_dir), args)
+    train_entries, val_entries = split_entries(labelled_studies(args.data_dir, args.exclude_labels),
+                                               args)
     if not train_entries:
         raise ValueError(f"{args.data_dir}: no training studies "
                          f"(fold {args.fold} of {args.n_folds} holds them all)")

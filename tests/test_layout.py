@@ -15,6 +15,7 @@ SCRIPTS = [
     "infer.py",
     "synthetic.py",
     "real_stenosis.py",
+    "audit.py",
 ]
 MODULES = ["data", "tables", "cache", "inputs", "models", "predict", "losses", "training", "viz",
            "phantom"]
@@ -57,7 +58,7 @@ def test_the_import_check_catches_a_script_importing_a_script(tmp_path):
     (tmp_path / "train_severity.py").write_text("def f():\n    import infer\n")
     assert script_imports(tmp_path) == {"train_landmarks.py": [], "train_severity.py": ["infer"],
                                         "infer.py": ["train_landmarks"], "synthetic.py": [],
-                                        "real_stenosis.py": []}
+                                        "real_stenosis.py": [], "audit.py": []}
 
 
 @pytest.mark.parametrize("name", MODULES)
