@@ -167,6 +167,17 @@ def without_flagged(items, flagged):
     return kept, dropped
 
 
+def training_series(data_dir, exclude_labels=""):
+    """labelled_series of the train split, less the points an audit CSV flags when exclude_labels
+    names one (both training scripts' --exclude-labels; the count left out is printed)."""
+    items = labelled_series(data_dir, "train")
+    if not exclude_labels:
+        return items
+    items, dropped = without_flagged(items, read_flagged(exclude_labels))
+    print(f"--exclude-labels: {dropped} labelled points left out ({exclude_labels})")
+    return items
+
+
 def assign_folds(study_ids, n_folds=5, seed=0):
     """Deterministic k-fold split by study: {study_id: fold}. Same ids and seed -> same folds, any
     input order."""

@@ -426,10 +426,8 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_landmarks", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    items = tables.labelled_series(args.data_dir, "train")
-    if args.exclude_labels:  # the audit's suspects: no target rather than a wrong one
-        items, dropped = tables.without_flagged(items, tables.read_flagged(args.exclude_labels))
-        print(f"--exclude-labels: {dropped} labelled points left out ({args.exclude_labels})")
+    # the audit's suspects, with --exclude-labels: no target rather than a wrong one
+    items = tables.training_series(args.data_dir, args.exclude_labels)
     train_items, val_items = split_items(items, args)
     canal_points = {}
     if "axial" in args.series_types:

@@ -118,12 +118,8 @@ def labelled_studies(data_dir, exclude_labels=""):
     """[LabelledStudy] of train.csv, in its order; without the points an audit CSV flags, when
     exclude_labels names one (tables.without_flagged)."""
     study_ids, labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
-    items = tables.labelled_series(data_dir, "train")
-    if exclude_labels:
-        items, dropped = tables.without_flagged(items, tables.read_flagged(exclude_labels))
-        print(f"--exclude-labels: {dropped} labelled points left out ({exclude_labels})")
     series_of_study = {}
-    for item in items:
+    for item in tables.training_series(data_dir, exclude_labels):
         series_of_study.setdefault(item.study_id, []).append(item)
     out = []
     for study_id, study_labels in zip(study_ids.tolist(), labels):
