@@ -1,5 +1,7 @@
 """The code's layout: scripts are leaves, docstring examples run, every function has one home."""
 import ast
+import inspect
+import textwrap
 import doctest
 import importlib
 import re
@@ -209,3 +211,86 @@ def test_every_readme_command_names_flags_its_script_accepts():
     with pytest.raises(SystemExit):  # the check itself can fail
         for script, flags in readme_commands(fake):
             importlib.import_module(script[:-3]).parse_args(flags)
+
+
+def resolve(dotted):
+    """The object a README name `module.function` (or `module.Class.method`) names, or None when
+    it is not defined where the name says."""
+    module_name, *attributes = dotted.split(".")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError:
+        return None
+    for attribute in attributes:
+        obj = getattr(obj, attribute, None)
+        if obj is None:
+            return None
+    defined_in = getattr(obj, "__module__", module_name)
+    return obj if defined_in == module_name else None
+
+
+def names_used(function):
+    """Every name and attribute read in a function's body, its docstring left out."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(function))).body[0]
+    body = node.body[1:] if ast.get_docstring(node) is not None else node.body
+    used = set()
+    for statement in body:
+        for child in ast.walk(statement):
+            if isinstance(child, ast.Name):
+                used.add(child.id)
+            elif isinstance(child, ast.Attribute):
+                used.add(child.attr)
+    return used
+
+
+def reading_order_calls(text):
+    """[(caller, callee)] of every `a` -> `b`, `c` in the README's reading order: after an arrow,
+    each name up to the next arrow is called by the name before the arrow; ';' ends a chain."""
+    section = text.split("## Reading order")[1].split("\n## ")[0]
+    calls = []
+    for clause in re.split(r";|\n\d+\. ", section):
+        tokens = re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`|(->)", clause)
+        caller, callees = None, []
+        for name, arrow in tokens:
+            if arrow:
+                caller = callees[-1] if callees else caller
+                callees = []
+            elif caller is not None:
+                calls.append((caller, name))
+                callees.append(name)
+            else:
+                callees = [name]
+    return calls
+
+
+def project_names(text):
+    """Every backticked `module.name...` of the README whose module is a project module."""
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    return sorted({name for name in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", text)
+                   if name.split(".")[0] in modules and not name.endswith(".py")})
+
+
+def test_every_name_the_readme_gives_exists_where_it_says():
+    names = project_names((ROOT / "README.md").read_text())
+    assert len(names) > 20
+    missing = [name for name in names if resolve(name) is None]
+    assert not missing, f"README names what the code does not hold there: {missing}"
+    assert resolve("predict.crop_2p5d") is None  # the check can fail: that lives in inputs
+
+
+def wrong_calls(calls):
+    """The (caller, callee) pairs where the caller's body never names the callee."""
+    return [(a, b) for a, b in calls if b.split(".")[-1] not in names_used(resolve(a))]
+
+
+def test_the_reading_orders_arrows_are_calls_in_the_code():
+    calls = reading_order_calls((ROOT / "README.md").read_text())
+    assert ("predict.predict_sagittal", "predict.separate_levels") in calls
+    assert ("predict.separate_levels", "predict.decode_heatmaps") in calls
+    assert ("infer.report_scores", "losses.mean_of_terms") in calls
+    assert not wrong_calls(calls), f"README reading order: not calls: {wrong_calls(calls)}"
+    # the check can fail: the chain an older README gave (predict_sagittal reaches
+    # decode_heatmaps only through separate_levels)
+    old = "## Reading order\n5. `predict.predict_sagittal` -> `predict.decode_heatmaps`\n"
+    assert wrong_calls(reading_order_calls(old)) == [("predict.predict_sagittal",
+                                                      "predict.decode_heatmaps")]
