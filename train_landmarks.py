@@ -82,9 +82,6 @@ def parse_args(argv=None):
                         help="train on this many batches only, no augmentation")
     parser.add_argument("--dry-run", action="store_true",
                         help="one short epoch on 2 studies, to check the plumbing")
-    parser.add_argument("--stop-after-epochs", type=int, default=0,
-                        help="end the run after this many epochs, as a kill would (the schedule "
-                             "still spans --epochs); for testing --resume")
     parser.add_argument("--resume", action="store_true",
                         help="continue from RUN/landmarks_<type>_last.pt")
     parser.add_argument("--overlays", type=int, default=4,
@@ -339,8 +336,6 @@ def train(tag, items, val_items, canal_points, args, runtime):
               f"{steps_per_epoch} steps/epoch, {n_points} points")
     metrics, train_loss = {}, float("nan")
     for epoch in range(start_epoch, args.epochs):
-        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
-            break
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shuffle of each process's share
             loader.sampler.set_epoch(epoch)
         started, waited, batch_losses = time.time(), 0.0, []
@@ -380,10 +375,10 @@ def train(tag, items, val_items, canal_points, args, runtime):
         print()
         # end of epoch: validate, log a row, save the last checkpoint (and the best one)
         metrics = evaluate(model, tag, val_items, canal_points, args, device) if val_items else {}
-        row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics,
+        log_row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics,
                    data_wait=waited / max(seconds, 1e-9), seconds=seconds)
-        log.write(row)
-        training.print_row(row)
+        log.write(log_row)
+        training.print_row(log_row)
         monitored = metrics.get("median_mm", train_loss)  # lower is better
         best = min(best, monitored)
         settings = dict(tag=tag, n_points=n_points, image_size=args.image_size)  # for inference

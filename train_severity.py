@@ -10,6 +10,7 @@ RUN/confusion_*.png.
 """
 
 import argparse
+import math
 import os
 import time
 import warnings
@@ -23,7 +24,7 @@ import inputs
 import losses
 import tables
 import training
-from models import SeverityNet
+from models import SeverityNet, encoder_from_landmarks
 from predict import (UNIT_TEMPERATURES, SeverityModel, grade_study, load_landmark_models,
                      load_severity_models, predict_landmarks)
 from viz import save_confusion_png, save_crops_png
@@ -57,6 +58,12 @@ def parse_args(argv=None):
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     parser.add_argument("--rotate-degrees", type=float, default=15.0,
                         help="max in-plane turn of each training crop, degrees")
+    parser.add_argument("--align-spine", action="store_true",
+                        help="turn each sagittal crop so the spine runs straight down it (the "
+                             "direction between the neighbouring levels' points; kept in the "
+                             "checkpoint, so inference does the same)")
+    parser.add_argument("--scale-jitter", type=float, default=0.0,
+                        help="training crops cover crop-mm x exp(U(-s, s)) (0: off)")
     parser.add_argument("--members", type=int, default=1,
                         help="train this many networks, each leaving out one fold of the training "
                              "studies; inference averages them, and per-group temperatures are "
@@ -72,6 +79,9 @@ def parse_args(argv=None):
     # model
     parser.add_argument("--pretrained", default="",
                         help="optional torchvision ResNet-18 state dict file")
+    parser.add_argument("--init-from", default="",
+                        help="a landmark checkpoint (RUN/landmarks_sag_t2_best.pt): start the "
+                             "encoder from its trained ResNet layers (no download needed)")
     # optimization
     parser.add_argument("--epochs", type=int, default=24, help="epochs")
     parser.add_argument("--batch-size", type=int, default=4,
@@ -97,9 +107,6 @@ def parse_args(argv=None):
                         help="train on this many batches only, no jitter, no label smoothing: the "
                              "loss must go to about 0")
     parser.add_argument("--dry-run", action="store_true", help="one short epoch on a few studies")
-    parser.add_argument("--stop-after-epochs", type=int, default=0,
-                        help="end the run after this many epochs, as a kill would (the schedule "
-                             "still spans --epochs); for testing --resume")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/severity_last.pt")
     args = parser.parse_args(argv)
     assert args.n_slices % 2 == 1, "--n-slices must be odd (a centre slice and its neighbours)"
@@ -145,13 +152,14 @@ def load_labelled_study(entry, cache_dir):
 
 def crop_settings(args):
     """What a severity checkpoint keeps so that inference rebuilds the same crops."""
-    return dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))
+    return dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm),
+                align_spine=args.align_spine)
 
 
 class StudyCrops(torch.utils.data.Dataset):
     """The crops of a study's rows that have a landmark: crops (A, S, C, C), groups (A,), columns
     (A,) into the 25 LABEL_COLUMNS, the study's labels (25,) with MISSING where a row has no crop,
-    the study's index, and how many crops lie off their label's series."""
+    and the study's index."""
 
     def __init__(self, entries, args, augment):
         self.entries = entries
@@ -171,32 +179,32 @@ class StudyCrops(torch.utils.data.Dataset):
             landmarks = inputs.jitter_landmarks(study, landmarks, args.jitter_mm, args.slice_jitter)
             if args.rotate_degrees:
                 degrees = np.random.uniform(-1, 1, data.N_LABELS) * args.rotate_degrees
-        crops, groups, columns = inputs.study_crops(study, landmarks, self.settings, degrees)
+        settings = self.settings
+        if self.augment and args.scale_jitter:
+            scale = math.exp(np.random.uniform(-args.scale_jitter, args.scale_jitter))
+            settings = dict(settings, crop_mm=[mm * scale for mm in settings["crop_mm"]])
+        crops, groups, columns = inputs.study_crops(study, landmarks, settings, degrees)
         if self.augment and len(crops):
             crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
         labels = torch.full((data.N_LABELS,), data.MISSING, dtype=torch.long)
         labels[columns] = torch.as_tensor(entry.labels, dtype=torch.long)[columns]
-        off_series = 0
-        for name, landmark in landmarks.items():
-            off_series += landmark.series_id != entry.points[name].series_id
-        return crops, groups, columns, labels, index, off_series
+        return crops, groups, columns, labels, index
 
     def study_of(self, index):
         return self.entries[index].study_id
 
 
 # a batch of studies: only the rows with a landmark have a crop
-StudyBatch = namedtuple("StudyBatch", "crops groups rows labels indices off_series")
+StudyBatch = namedtuple("StudyBatch", "crops groups slots labels indices")
 
 
 def collate_studies(batch):
-    """StudyBatch: crops (A, S, C, C) and groups (A,) of the rows with a landmark, rows (A,) their
-    places in the batch's B * 25 labels, labels (B * 25,), study indices (B,), and the number of
-    crops taken off their label's series."""
-    crops, groups, columns, labels, indices, off_series = zip(*batch)
-    rows = [c + data.N_LABELS * b for b, c in enumerate(columns)]
-    return StudyBatch(torch.cat(crops), torch.cat(groups), torch.cat(rows), torch.cat(labels),
-                      torch.tensor(indices), sum(off_series))
+    """StudyBatch: crops (A, S, C, C) and groups (A,) of the rows with a landmark, slots (A,) each
+    crop's place in the batch's B * 25 labels, labels (B * 25,) and study indices (B,)."""
+    crops, groups, columns, labels, indices = zip(*batch)
+    slots = [c + data.N_LABELS * b for b, c in enumerate(columns)]
+    return StudyBatch(torch.cat(crops), torch.cat(groups), torch.cat(slots), torch.cat(labels),
+                      torch.tensor(indices))
 
 
 def describe_series_spread(entries):
@@ -378,13 +386,13 @@ def batchnorm_batches(entries, args, device):
 
 
 def training_collapse(graded):
-    """describe_collapse of an epoch's training batches: graded is [(labels (B * 25,), rows (A,),
+    """describe_collapse of an epoch's training batches: graded is [(labels (B * 25,), slots (A,),
     argmax (A,))] per step; rows without a crop count as MISSING."""
     if not graded:
         return ""
     seen_labels, seen_guesses = [], []
-    for labels, rows, argmax in graded:
-        guesses = torch.zeros(len(labels), dtype=torch.long).index_copy(0, rows, argmax)
+    for labels, slots, argmax in graded:
+        guesses = torch.zeros(len(labels), dtype=torch.long).index_copy(0, slots, argmax)
         seen_labels.append(labels.view(-1, data.N_LABELS))
         seen_guesses.append(guesses.view(-1, data.N_LABELS))
     return describe_collapse(
@@ -416,7 +424,11 @@ def train(name, entries, val_entries, prior, args, runtime):
     loader = make_loader(entries, args, runtime)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
-    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(device)
+    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None)
+    if args.init_from:
+        print(f"{name}: encoder from {args.init_from} "
+              f"({encoder_from_landmarks(model, args.init_from)} tensors)")
+    model = model.to(device)
     train_model = training.wrap_for_training(model, runtime)  # DistributedDataParallel (torchrun)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.autocast_context(device, args.amp)
@@ -432,22 +444,19 @@ def train(name, entries, val_entries, prior, args, runtime):
         print(f"{name}: {len(entries)} train / {len(val_entries)} val studies, "
               f"{steps_per_epoch} steps/epoch")
         norm_batches = batchnorm_batches(entries[:args.bn_studies], args, device)
-    row = {}
+    log_row = {}
     for epoch in range(start_epoch, args.epochs):
-        if args.stop_after_epochs and epoch >= args.stop_after_epochs:
-            break
         if hasattr(loader.sampler, "set_epoch"):  # torchrun: a new shuffle of each process's share
             loader.sampler.set_epoch(epoch)
         started, waited, batch_losses = time.time(), 0.0, []
-        off_series, graded = 0, []
+        graded = []
         lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)  # even with no step
         fetch_start = time.time()
         for batch_index, batch in enumerate(loader):
             if batch_index >= steps_per_epoch:
                 break
             waited += time.time() - fetch_start  # the GPU was idle, waiting for the loader
-            off_series += batch.off_series
-            if not len(batch.rows):  # no study of the batch has a landmark: nothing to learn from
+            if not len(batch.slots):  # no study of the batch has a landmark: nothing to learn from
                 continue
             # the learning rate of this step: linear warmup, then cosine to 0
             lr = training.get_lr(step, total_steps, args.warmup_steps, args.lr)
@@ -455,14 +464,14 @@ def train(name, entries, val_entries, prior, args, runtime):
                 group["lr"] = lr
             crops = batch.crops.to(device, non_blocking=True)  # (A, S, C, C): rows with a landmark
             groups = batch.groups.to(device, non_blocking=True)
-            rows = batch.rows.to(device, non_blocking=True)  # (A,) their places in labels
+            slots = batch.slots.to(device, non_blocking=True)  # (A,) their places in labels
             labels = batch.labels.to(device, non_blocking=True)  # (B * 25,), MISSING = no label
             with autocast:  # bfloat16/float16 on CUDA; on the CPU with --amp
                 logits = train_model(crops, groups)  # (A, 3)
-            loss = losses.weighted_cross_entropy(logits, labels[rows], smoothing)
+            loss = losses.weighted_cross_entropy(logits, labels[slots], smoothing)
             if args.any_severe_weight:  # per study: every row in place, rows without a crop masked
                 placed = logits.new_zeros(len(labels), data.N_SEVERITIES)
-                placed = placed.index_copy(0, rows, logits)
+                placed = placed.index_copy(0, slots, logits)
                 loss = loss + args.any_severe_weight * losses.any_severe_loss(placed, labels)
             if not torch.isfinite(loss):  # stop at once, naming the studies of the batch
                 studies = [loader.dataset.study_of(i) for i in batch.indices.tolist()]
@@ -473,7 +482,7 @@ def train(name, entries, val_entries, prior, args, runtime):
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             batch_losses.append(loss.item())
-            graded.append((batch.labels, batch.rows, logits.argmax(-1).cpu()))  # collapse check
+            graded.append((batch.labels, batch.slots, logits.argmax(-1).cpu()))  # collapse check
             step += 1
             if main_process:
                 where = (f"severity epoch {epoch + 1}/{args.epochs} "
@@ -493,11 +502,11 @@ def train(name, entries, val_entries, prior, args, runtime):
         if collapsed:
             where = f"{'validation' if val_entries else 'training'} studies"
             print("  " + collapse_message(collapsed, where))
-        row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics,
-                   crops_off_series=off_series, collapsed=collapsed,
+        log_row = dict(epoch=epoch, step=step, lr=lr, train_loss=train_loss, **metrics,
+                   collapsed=collapsed,
                    data_wait=waited / max(seconds, 1e-9), seconds=seconds)
-        log.write(row)
-        training.print_row(row)
+        log.write(log_row)
+        training.print_row(log_row)
         monitored = metrics.get("val_loss", train_loss)  # lower is better
         best = min(best, monitored)
         checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
@@ -507,7 +516,7 @@ def train(name, entries, val_entries, prior, args, runtime):
         training.save_checkpoint(last_path, checkpoint)
         if monitored <= best:
             training.save_checkpoint(os.path.join(args.out_dir, f"{name}_best.pt"), checkpoint)
-    return row
+    return log_row
 
 
 def load_trained(name, args, device):
@@ -563,7 +572,7 @@ def main(argv=None):
         dataset = StudyCrops(train_entries, args, augment=True)
         first = collate_studies([dataset[i] for i in range(min(4, len(train_entries)))])
         save_crops_png(os.path.join(args.out_dir, "crops_train.png"), first.crops, first.groups,
-                       first.labels[first.rows])
+                       first.labels[first.slots])
     splits = member_splits(train_entries, args.members)
     names = []
     for k, (fit, _) in enumerate(splits):

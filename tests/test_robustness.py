@@ -129,12 +129,24 @@ def test_nan_loss_stops_training_naming_step_and_studies(tiny, tmp_path, monkeyp
         )
 
 
-def test_resume_after_a_kill_keeps_one_log_row_per_epoch(tiny, tmp_path):
+class Killed(Exception):
+    """Stands in for a kill: raised in the middle of a run."""
+
+
+def test_resume_after_a_kill_keeps_one_log_row_per_epoch(tiny, tmp_path, monkeypatch):
     flags = ["--series-types", "sag_t2", "--image-size", "48", "--overlays", "0", "--fold", "1"]
     train_landmarks.main(_args(tiny, tmp_path / "full", "--epochs", "3", *flags))
-    train_landmarks.main(
-        _args(tiny, tmp_path / "cut", "--epochs", "3", *flags, "--stop-after-epochs", "1")
-    )
+    save = training.save_checkpoint
+
+    def save_then_die(path, checkpoint):  # killed just after the first epoch's last checkpoint
+        save(path, checkpoint)
+        if path.endswith("_last.pt"):
+            raise Killed(path)
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train_landmarks.main(_args(tiny, tmp_path / "cut", "--epochs", "3", *flags))
+    monkeypatch.undo()
     assert len(pd.read_csv(tmp_path / "cut" / "landmarks_sag_t2.csv")) == 1
     # a row written after the last checkpoint
     with open(tmp_path / "cut" / "landmarks_sag_t2.csv", "a") as handle:
