@@ -2,7 +2,8 @@
 memory-mapped.
 
 Network inputs see a series' intensities scaled so that its 1st..99.5th percentile maps to 0..1,
-clipped to [0, 1.5] (inputs.normalise). The cache keeps exactly that, as uint8 steps of 1.5 / 255
+clipped to [0, 1.5] (normalise, here: the one home of that window). The cache keeps exactly that,
+as uint8 steps of 1.5 / 255
 (0.6 % of the range, below the scanner noise), at full resolution: a cached series takes at most
 half the bytes of its 16-bit pixels, so less disk than its DICOM files unless they compress better
 than 2:1. Values outside the range come back clipped. The volume is a .npy file read through a
@@ -27,7 +28,9 @@ import warnings
 import numpy as np
 
 VERSION = "v4"  # part of every key: a change of format never reads old files
-QUANTUM = 1.5 / 255  # normalised intensity per uint8 step
+INTENSITY_PERCENTILES = 1.0, 99.5  # a series' intensity_range: these map to 0 and 1
+INTENSITY_CLIP = 1.5  # normalised intensities are clipped to [0, 1.5]: fluid and fat stay apart
+QUANTUM = INTENSITY_CLIP / 255  # normalised intensity per uint8 step
 _warned_folders = set()  # cache folders already warned about in this process
 
 
@@ -50,12 +53,17 @@ class StoredVolume:
         return self[:] if dtype is None else self[:].astype(dtype)
 
 
-def quantise(volume, intensity_range):
-    """(D, H, W) volume -> uint8 of its normalised intensities (intensity_range -> 0..1, clipped to
-    [0, 1.5])."""
+def normalise(volume, intensity_range):
+    """What the networks read: intensity_range (low, high) mapped to (0, 1), clipped to
+    [0, INTENSITY_CLIP], float32."""
     low, high = (float(v) for v in intensity_range)
-    normalised = np.clip((np.asarray(volume, np.float32) - low) / max(high - low, 1e-6), 0.0, 1.5)
-    return np.rint(normalised / QUANTUM).astype(np.uint8)
+    scaled = (np.asarray(volume, np.float32) - low) / max(high - low, 1e-6)
+    return np.clip(scaled, 0.0, INTENSITY_CLIP).astype(np.float32)
+
+
+def quantise(volume, intensity_range):
+    """(D, H, W) volume -> uint8 of its normalised intensities, QUANTUM a step."""
+    return np.rint(normalise(volume, intensity_range) / QUANTUM).astype(np.uint8)
 
 
 def path_of(series_dir, names, cache_dir):

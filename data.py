@@ -84,6 +84,9 @@ N_LEVELS, N_SEVERITIES, N_LABELS = len(LEVELS), len(SEVERITIES), len(LABEL_COLUM
 SPINAL_COLUMNS = slice(0, N_LEVELS)  # spinal_canal_stenosis is the first condition of LABEL_COLUMNS
 # (condition, level) of each of the 25 label columns, in LABEL_COLUMNS order
 COLUMN_POINTS = [(c, lv) for c in CONDITIONS for lv in LEVELS]
+# each condition group's label columns (indices into LABEL_COLUMNS)
+GROUP_COLUMNS = {g: [j for j, (c, _) in enumerate(COLUMN_POINTS) if c in conditions]
+                 for g, conditions in GROUP_CONDITIONS.items()}
 
 # -----------------------------------------------------------------------------
 # records
@@ -101,8 +104,9 @@ StudySeries = namedtuple("StudySeries", "series_type series_id series")
 class Series:
     """A series as arrays, slices in spatial order (ascending IPP . n within a stack)."""
 
-    # (D, H, W) float32, rescaled, MONOCHROME1 inverted, every frame at the common size
-    volume: np.ndarray
+    # (D, H, W), rescaled, MONOCHROME1 inverted, every frame at the common size: a float32 array
+    # when decoded, a cache.StoredVolume (uint8 on disk, float32 when indexed) when cached
+    volume: "np.ndarray | cache.StoredVolume"
     instance_numbers: np.ndarray  # (D,) int64
     positions: np.ndarray  # (D, 3) ImagePositionPatient of each frame as returned, mm
     orientations: np.ndarray  # (D, 6) ImageOrientationPatient [u, v]
@@ -110,11 +114,8 @@ class Series:
     # (D, 2) [rows, cols] of each frame on disk; labels live in these pixels
     original_sizes: np.ndarray
     stack_ids: np.ndarray  # (D,) int64, which orientation group (stack) a slice belongs to
-    # (2,) the volume's 1st and 99.5th percentile: network inputs map it to [0, 1]
+    # (2,) the volume's cache.INTENSITY_PERCENTILES: network inputs map it to [0, 1]
     intensity_range: np.ndarray
-
-
-INTENSITY_PERCENTILES = 1.0, 99.5
 
 
 class DecoderMissing(RuntimeError):
@@ -277,7 +278,7 @@ def _assemble(frames, series_dir):
                   positions=positions[order], orientations=orientations[order],
                   pixel_spacing=spacing[order], original_sizes=original_sizes[order],
                   stack_ids=stack_ids,
-                  intensity_range=np.percentile(volume[:, ::2, ::2], INTENSITY_PERCENTILES))
+                  intensity_range=np.percentile(volume[:, ::2, ::2], cache.INTENSITY_PERCENTILES))
 
 
 # -----------------------------------------------------------------------------

@@ -134,18 +134,9 @@ def landmark_rows(study_id, study, landmarks):
     return rows
 
 
-def truth_coordinates(args):
-    """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside
-    a test split)."""
-    points = labelled_points(args)
-    if points is None:
-        raise FileNotFoundError(f"{args.data_dir}: --true-landmarks needs the split's labelled "
-                                "points (train_label_coordinates.csv or solution_coordinates.csv)")
-    return points
-
-
 def labelled_points(args):
-    """truth_coordinates, or None where the split has no labelled points."""
+    """The split's labelled points (train_label_coordinates.csv, or solution_coordinates.csv beside
+    a test split), or None where it has none."""
     name = "train_label_coordinates.csv" if args.split == "train" else "solution_coordinates.csv"
     path = os.path.join(args.data_dir, name)
     return tables.read_coordinates(path) if os.path.exists(path) else None
@@ -161,23 +152,23 @@ def true_landmarks(study, study_id, coordinates):
     return data.labelled_landmarks(study, points, f"study {study_id}")
 
 
-def predict_split(args, study_ids, landmark_models, severity_models, prior, device):
+def predict_split(args, study_ids, models, prior, points, device):
     """-> (probabilities (N, 25, 3), landmark rows for landmarks_<split>.csv, {study_id: fallback
-    columns})."""
+    columns}). models: (landmark models, severity models); points: the split's labelled points
+    (labelled_points) or None."""
+    landmark_models, severity_models = models
     path = os.path.join(args.data_dir, f"{args.split}_series_descriptions.csv")
     descriptions = tables.series_by_study(tables.read_series_descriptions(path))
     warn_unlisted(args.data_dir, args.split, descriptions)
-    truth = truth_coordinates(args) if args.true_landmarks else None
     probabilities = np.broadcast_to(prior, (len(study_ids),) + prior.shape).copy()
     rows, fallbacks = [], {}
     reported, seconds = studies_to_report(args, study_ids), []
-    points = labelled_points(args) if reported else None
     for i, study_id in enumerate(study_ids):
         series_of_type = descriptions.get(study_id, {})
         study, problems = load_study(args.data_dir, args.split, study_id, series_of_type,
                                      args.cache_dir)
-        if truth is not None:
-            landmarks = true_landmarks(study, study_id, truth[truth["study_id"] == study_id])
+        if args.true_landmarks:
+            landmarks = true_landmarks(study, study_id, points[points["study_id"] == study_id])
             notes = []
         else:
             landmarks, notes = predict_landmarks(landmark_models, study, device)
@@ -193,16 +184,9 @@ def predict_split(args, study_ids, landmark_models, severity_models, prior, devi
         rows += landmark_rows(study_id, study, landmarks)
         if study_id in reported:
             started = time.time()
-            why = [why_prior(j, problems + notes) if not ok else "" for j, ok in
-                   enumerate(available)]
-            labelled = {}
-            if points is not None:
-                labelled = true_landmarks(study, study_id, points[points["study_id"] == study_id])
-            labelled = [labelled.get(point) for point in data.COLUMN_POINTS]
-            rows_of_report = zip(losses.finalise(probabilities[i]), reported[study_id], why,
-                                 labelled)
-            write_report(args, study_id, study, landmarks, severity_models[0].settings,
-                         list(rows_of_report))
+            graded = losses.finalise(probabilities[i]), reported[study_id], available
+            write_report(args, (study_id, study, landmarks), graded, problems + notes, points,
+                         severity_models[0].settings)
             seconds.append(time.time() - started)
     if seconds:
         print(f"wrote {len(seconds)} reports to {args.out_dir} ({np.mean(seconds):.2f} s each)")
@@ -234,12 +218,20 @@ def studies_to_report(args, study_ids):
     return labels
 
 
-def write_report(args, study_id, study, landmarks, settings, rows):
-    """OUT/report_<study_id>.png (viz.write_report); rows: 25 (submitted probabilities, true grade,
-    why the row got the prior, labelled Landmark or None) in LABEL_COLUMNS order."""
+def write_report(args, found, graded, messages, points, settings):
+    """OUT/report_<study_id>.png (viz.write_report). found: (study_id, study, landmarks); graded:
+    the study's (25, 3) submitted probabilities, (25,) true grades and (25,) availability; messages:
+    its warnings (why_prior picks a row's); points: the split's labelled points or None; settings:
+    the crops' (the first severity model's)."""
+    study_id, study, landmarks = found
+    labelled = {}
+    if points is not None:
+        labelled = true_landmarks(study, study_id, points[points["study_id"] == study_id])
     crops, _, columns = inputs.study_crops(study, landmarks, settings)
     by_column = dict(zip(columns.tolist(), crops))
-    rows = [dict(probabilities=p, truth=int(t), note=str(n), labelled=lm) for p, t, n, lm in rows]
+    rows = [dict(probabilities=p, truth=int(t), labelled=labelled.get(point),
+                 note="" if ok else why_prior(j, messages))
+            for j, (p, t, ok, point) in enumerate(zip(*graded, data.COLUMN_POINTS))]
     path = os.path.join(args.out_dir, f"report_{study_id}.png")
     return viz.write_report(path, f"study {study_id}", study, landmarks, by_column, rows)
 
@@ -369,10 +361,9 @@ def print_landmark_errors(errors):
               f"{e['slice_exact']:10.3f} {e['slice_within1']:12.3f}")
 
 
-def report_truth(args, study_ids, submission, prior):
-    """Landmark errors and the score against the truth, where the split has it; the score and
-    baseline, or None."""
-    truth = labelled_points(args)
+def report_truth(args, study_ids, submission, prior, truth):
+    """Landmark errors (truth: the split's labelled points, or None) and the score against the
+    known grades, where the split has them; the score and baseline, or None."""
     if truth is not None:
         predicted_path = os.path.join(args.out_dir, f"landmarks_{args.split}.csv")
         predicted = tables.read_coordinates(predicted_path)
@@ -405,8 +396,13 @@ def main(argv=None):
     else:
         paths = [os.path.join(args.out_dir, "severity_best.pt")]
     severity_models, prior = load_severity_models(paths, device)
-    probabilities, rows, fallbacks = predict_split(args, study_ids, landmark_models,
-                                                   severity_models, prior, device)
+    points = labelled_points(args)  # read once: true landmarks, reports and landmark errors
+    if args.true_landmarks and points is None:
+        raise FileNotFoundError(f"{args.data_dir}: --true-landmarks needs the split's labelled "
+                                "points (train_label_coordinates.csv or solution_coordinates.csv)")
+    probabilities, rows, fallbacks = predict_split(args, study_ids,
+                                                   (landmark_models, severity_models), prior,
+                                                   points, device)
     submission = losses.probabilities_to_submission(study_ids, losses.finalise(probabilities))
     if args.report or args.report_studies:
         write_confusion(args, study_ids, probabilities)
@@ -420,7 +416,7 @@ def main(argv=None):
           f"({seconds_per_study:.2f} s/study); {len(fallbacks)} studies with fallback rows")
     if not args.score:
         return None
-    return report_truth(args, study_ids, submission, prior)
+    return report_truth(args, study_ids, submission, prior, points)
 
 
 if __name__ == "__main__":

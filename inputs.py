@@ -29,17 +29,6 @@ OFFSET_SCALE_MM = 50.0  # the sagittal offset channel is mm / 50: about -1..1 ac
 # intensities and sizes
 
 
-def normalise(volume, intensity_range=None):
-    """Robust intensity scaling to about [0, 1]: intensity_range (low, high) maps to (0, 1), clipped
-    to [0, 1.5].
-
-    Without intensity_range, the volume's own 1st and 99.5th percentile are used.
-    """
-    low, high = np.percentile(volume, [1.0, 99.5]) if intensity_range is None else intensity_range
-    scaled = (np.asarray(volume, np.float32) - low) / max(high - low, 1e-6)
-    return np.clip(scaled, 0.0, 1.5).astype(np.float32)
-
-
 def resize_slices(volume, size):
     """(D, H, W) -> (D, size, size) tensor, bilinear; points follow with data.to_resized(). float32,
     or uint8 for uint8 input (a vectorised kernel, a quarter of the bytes to move).
@@ -65,7 +54,7 @@ def input_slices(series, index, size):
     if isinstance(series.volume, cache.StoredVolume):
         stored = np.array(series.volume.stored[index])  # read from the memory map, writable
         return resize_slices(stored, size).float() * cache.QUANTUM
-    return resize_slices(normalise(series.volume[index], series.intensity_range), size)
+    return resize_slices(cache.normalise(series.volume[index], series.intensity_range), size)
 
 
 # -----------------------------------------------------------------------------
@@ -164,7 +153,7 @@ def crop_2p5d(series, point_px, size_mm, out_px, n_slices, degrees=0.0):
     if top >= bottom or left >= right:  # the whole crop lies off the frame
         return torch.zeros(n_slices, out_px, out_px)
     window = series.volume[picks, top:bottom, left:right]
-    images = torch.as_tensor(normalise(window, series.intensity_range))[:, None]
+    images = torch.as_tensor(cache.normalise(window, series.intensity_range))[:, None]
     cols, rows = cols - left, rows - top
     grid = np.stack([(2 * cols + 1) / (right - left) - 1, (2 * rows + 1) / (bottom - top) - 1],
                     axis=-1)

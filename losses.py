@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import models
 from data import (GROUP_CONDITIONS, LABEL_COLUMNS, MISSING, N_LABELS, N_SEVERITIES, SEVERITIES,
                   SEVERITY_WEIGHTS, SUBMISSION_COLUMNS)
 
@@ -130,8 +131,7 @@ def confusion_matrices(labels, probabilities):
     predicted = probabilities.argmax(-1)
     n = N_SEVERITIES
     out = {}
-    for name, conditions in GROUP_CONDITIONS.items():
-        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
+    for name, columns in data.GROUP_COLUMNS.items():
         truth = labels[:, columns].ravel()
         guess = predicted[:, columns].ravel()
         keep = truth != MISSING
@@ -230,7 +230,7 @@ def any_severe_loss(logits, targets):
 
 def heatmap_targets(targets, depth_mask, heat_shape, sigma):
     """Gaussian target distributions (B, K, D, h, w) summing to 1 per point; targets (B, K, 3) in
-    heatmap pixels."""
+    heatmap cells."""
     batch, n_points = targets.shape[:2]
     depth, height, width = heat_shape
     d = torch.arange(depth, dtype=torch.float32).view(1, 1, depth, 1, 1)
@@ -240,12 +240,12 @@ def heatmap_targets(targets, depth_mask, heat_shape, sigma):
     in_plane = -((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2)
     through_plane = (d - cd) ** 2 / (2 * (0.6 * sigma) ** 2)  # slices: 0.6 sigma
     logits = in_plane - through_plane
-    logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), -1e9)
+    logits = logits.masked_fill(~depth_mask.view(batch, 1, depth, 1, 1), models.MASKED)
     return logits.flatten(2).softmax(-1).view(batch, n_points, depth, height, width)
 
 
 def to_heat_coords(targets, input_size, heat_hw):
-    """[slice, col, row] in input pixels -> heatmap pixels (slice unchanged)."""
+    """[slice, col, row] in input pixels -> heatmap cells (slice unchanged)."""
     out = targets.clone()
     out[..., 1:] = torch.as_tensor(
         data.to_resized(targets[..., 1:].numpy(), (input_size, input_size), heat_hw),
@@ -261,8 +261,8 @@ def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
     heat_targets = to_heat_coords(targets, input_size, (height, width))
     target = heatmap_targets(heat_targets, depth_mask, (depth, height, width), sigma)
     target = target.to(logits.device)
-    masked = logits.float().masked_fill(~depth_mask.to(logits.device).view(batch, 1, depth, 1, 1),
-                                        -1e4)
+    in_depth = depth_mask.to(logits.device).view(batch, 1, depth, 1, 1)
+    masked = logits.float().masked_fill(~in_depth, models.MASKED)
     log_prob = masked.flatten(2).log_softmax(-1)
     flat_target = target.flatten(2)
     kl = (flat_target * (flat_target.clamp(min=1e-12).log() - log_prob)).sum(-1)  # (B, K)
@@ -281,8 +281,7 @@ def fit_temperatures(logits, labels, grid=np.exp(np.linspace(np.log(0.2), np.log
     """
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
     out = []
-    for name, conditions in GROUP_CONDITIONS.items():
-        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
+    for name, columns in data.GROUP_COLUMNS.items():
         if not (labels[:, columns] != MISSING).any():
             out.append(1.0)
             continue
@@ -321,8 +320,7 @@ def collapsed_groups(labels, predicted):
     labels, predicted: (N, 25) class indices (labels MISSING where empty), LABEL_COLUMNS order.
     """
     out = {}
-    for name, conditions in GROUP_CONDITIONS.items():
-        columns = [j for j, (c, _) in enumerate(data.COLUMN_POINTS) if c in conditions]
+    for name, columns in data.GROUP_COLUMNS.items():
         truth, guess = (np.asarray(labels)[:, columns].ravel(),
                         np.asarray(predicted)[:, columns].ravel())
         keep = truth != MISSING

@@ -17,6 +17,8 @@ import torchvision
 
 import data
 
+MASKED = -1e4  # the logit of a heatmap cell a point may not take: no probability after the softmax
+
 
 def resnet18_trunk(in_channels, pretrained_path=None):
     """ResNet-18 with its first conv taking in_channels; weights from a local state-dict file if

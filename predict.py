@@ -25,9 +25,7 @@ import torch
 
 import data
 import inputs
-from models import LandmarkNet, SeverityNet
-
-MASKED = -1e4  # the logit of a heatmap cell a point may not take: no probability after the softmax
+from models import MASKED, LandmarkNet, SeverityNet
 
 # a trained severity network with the crop settings it reads and its per-group temperature
 SeverityModel = namedtuple("SeverityModel", "net settings temperatures")

@@ -12,6 +12,7 @@ write_report("report_4003253.png", "study 4003253", study, landmarks, crops, row
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import cache
 import data
 import inputs
 
@@ -32,7 +33,7 @@ def write_overlay(path, series, targets, predicted, names):
     )[:4]
     panels = []
     for d in slices:
-        image = inputs.normalise(series.volume[d]).clip(0, 1) * 255
+        image = cache.normalise(series.volume[d], series.intensity_range).clip(0, 1) * 255
         # small frames are enlarged so the labels stay legible
         zoom = max(1, int(np.ceil(320 / image.shape[1])))
         panel = (
@@ -187,7 +188,7 @@ def series_panels(study, landmarks, rows):
 def slice_with_points(series, d, points, truth, graded):
     """One slice scaled to fit PANEL_PX, each labelled point (truth) a white cross, each landmark a
     ring in its row's grade colour and a label."""
-    image = inputs.normalise(series.volume[d]).clip(0, 1) * 255
+    image = cache.normalise(series.volume[d], series.intensity_range).clip(0, 1) * 255
     zoom = PANEL_PX / max(image.shape)
     size = (max(1, round(image.shape[1] * zoom)), max(1, round(image.shape[0] * zoom)))
     panel = Image.fromarray(image.astype(np.uint8)).convert("RGB").resize(size)

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 from pydicom.data import get_testdata_file
 
+import cache
 import data
 import tables
 from conftest import write_frame
@@ -234,7 +235,7 @@ def test_network_inputs_from_the_cache_match_those_from_the_dicom_within_the_cac
         b = inputs.sagittal_slices(cached, size)
         assert a.shape == b.shape == (4, size, size) and b.dtype == a.dtype == torch_float32()
         # the bytes resized as floats: what the stored-bytes path saves work on
-        floats = inputs.resize_slices(inputs.normalise(cached.volume[:], cached.intensity_range),
+        floats = inputs.resize_slices(cache.normalise(cached.volume[:], cached.intensity_range),
                                       size)
         # the uint8 kernel rounds its weights and its result: within one step of the floats
         assert float((floats - b).abs().max()) <= 1.001 * cache.QUANTUM

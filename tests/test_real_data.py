@@ -66,12 +66,13 @@ def test_every_label_is_cropped_from_its_own_series(split):
                 == point.instance_number
             )
     assert spread == len(entries)  # the fixture really spreads every study's axial labels
-    args = train_severity.parse_args(["--data-dir", str(split), "--out-dir", "x",
-                                      "--cache-dir", str(split / "cache"), "--n-slices", "3",
-                                      "--crop-px", "16", "--crop-mm", "30", "30", "30"])
-    dataset = train_severity.StudyCrops(entries, args, augment=True)
-    # jitter never moves a crop off its series
-    assert all(dataset[i][5] == 0 for i in range(len(entries)))
+    # training's jitter never moves a crop off its label's series, nor out of its stack
+    for entry in entries:
+        study, landmarks = train_severity.load_labelled_study(entry, str(split / "cache"))
+        for name, moved in inputs.jitter_landmarks(study, landmarks, 7.0, 3).items():
+            series = study[moved.series_id].series
+            assert moved.series_id == entry.points[name].series_id
+            assert series.stack_ids[moved.slice] == series.stack_ids[landmarks[name].slice]
 
 
 def test_same_seed_with_and_without_split_writes_the_same_patients(split, tmp_path):
@@ -163,11 +164,11 @@ def test_cached_series_is_what_the_networks_read_and_smaller_than_its_dicom(tmp_
     cold = data.load_series(str(folder), str(tmp_path / "cache"))
     warm = data.load_series(str(folder), str(tmp_path / "cache"))
     assert isinstance(warm.volume.stored, np.memmap)  # one slice is read without the rest
-    exact = inputs.normalise(plain.volume, plain.intensity_range)
+    exact = cache.normalise(plain.volume, plain.intensity_range)
     for series in (cold, warm):
-        np.testing.assert_allclose(inputs.normalise(series.volume, series.intensity_range), exact,
+        np.testing.assert_allclose(cache.normalise(series.volume, series.intensity_range), exact,
                                    atol=cache.QUANTUM / 2 + 1e-6)
-        np.testing.assert_allclose(inputs.normalise(series.volume[2:3], series.intensity_range),
+        np.testing.assert_allclose(cache.normalise(series.volume[2:3], series.intensity_range),
                                    exact[2:3], atol=cache.QUANTUM / 2 + 1e-6)
     # cold and warm runs see the same
     np.testing.assert_array_equal(np.asarray(cold.volume), np.asarray(warm.volume))

@@ -1,6 +1,7 @@
 import numpy as np
 import torch
 
+import cache
 import data
 import inputs
 import losses
@@ -197,7 +198,7 @@ def _full_frame_crop(series, point_px, size_mm, out_px, n_slices, degrees):
     cols = col + (np.cos(turn) * across - np.sin(turn) * down)[None] / spacing[:, 1, None, None]
     rows = row + (np.sin(turn) * across + np.cos(turn) * down)[None] / spacing[:, 0, None, None]
     grid = np.stack([(2 * cols + 1) / width - 1, (2 * rows + 1) / height - 1], axis=-1)
-    images = torch.as_tensor(inputs.normalise(series.volume[picks], series.intensity_range))
+    images = torch.as_tensor(cache.normalise(series.volume[picks], series.intensity_range))
     return torch.nn.functional.grid_sample(images[:, None], torch.as_tensor(grid).float(),
                                            align_corners=False)[:, 0]
 
