@@ -5,10 +5,13 @@
 Sagittal T2/STIR (5 canal points) and Sagittal T1 (10 foraminal points): every slice of the series
 goes through a 2D network with its offset across the stack as a second channel; one heatmap per
 point and a softmax over (slice, row, col) give the slice and the in-plane position (3D
-soft-argmax). Axial T2 (10 subarticular points): the level's slice comes from mapping the sagittal
-canal point of that level through patient space into the axial series; a 2D network finds the left
-and right recess on it. Writes RUN/landmarks_<type>.csv (one row per epoch),
-RUN/landmarks_<type>_{last,best}.pt, RUN/args.json.
+soft-argmax). Axial T2 (10 subarticular points): a 2D network finds the left and right recess on
+the level's labelled slice (jittered by a slice in training). At inference the level's slice is
+the axial slice nearest to the median of its canal point and its two foramina, in patient space
+(predict.choose_axial_slice); validation here measures the in-plane error on the labelled slice,
+and the slice error of the slice chosen from the true canal point alone.
+Writes RUN/landmarks_<type>.csv (one row per epoch), RUN/landmarks_<type>_{last,best}.pt and
+RUN/args.json.
 """
 
 import argparse
@@ -128,21 +131,22 @@ class SagittalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         item = self.items[index]
         series = data.load_series(item.series_dir, self.cache_dir)
-        targets = series_targets(item, series, self.point_names)  # volume pixels
+        targets_px = series_targets(item, series, self.point_names)  # [slice, col, row] volume px
         image = inputs.sagittal_slices(series, self.size)  # (D, S, S)
         volume_hw = series.volume.shape[1:]
-        targets[:, 1:] = data.to_resized(targets[:, 1:], volume_hw, (self.size, self.size))
+        targets_in = targets_px.copy()  # the same points in input pixels (the slice unchanged)
+        targets_in[:, 1:] = data.to_resized(targets_px[:, 1:], volume_hw, (self.size, self.size))
         if self.augment:
-            image, targets[:, 1:] = inputs.random_affine(image, targets[:, 1:])
+            image, targets_in[:, 1:] = inputs.random_affine(image, targets_in[:, 1:])
             image = inputs.random_intensity(image)
         x = inputs.sagittal_input(image, series)  # (D, 2, S, S)
         if self.augment and 0 < self.train_depth < len(x):  # a window of slices: half the cost
             start = np.random.randint(0, len(x) - self.train_depth + 1)
             x = x[start:start + self.train_depth]
-            targets[:, 0] -= start
-            outside = (targets[:, 0] < 0) | (targets[:, 0] > self.train_depth - 1)
-            targets[outside] = np.nan
-        return x, torch.from_numpy(targets), index
+            targets_in[:, 0] -= start  # slices counted from the window's first
+            outside = (targets_in[:, 0] < 0) | (targets_in[:, 0] > self.train_depth - 1)
+            targets_in[outside] = np.nan
+        return x, torch.from_numpy(targets_in), index
 
     def study_of(self, index):
         return self.items[index].study_id
