@@ -51,8 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
     parser.add_argument("--exclude-labels", default="",
-                        help="audit.py's label_audit.csv: the labelled points it flags are left "
-                             "out (masked), in training and validation alike")
+                        help="the label_audit.csv of tools/audit.py: the labelled points it flags "
+                             "are left out (masked), in training and validation alike")
     parser.add_argument("--image-size", type=int, default=96,
                         help="slices are resized to this square size (px)")
     parser.add_argument("--train-depth", type=int, default=10,

@@ -44,9 +44,9 @@ def parse_args(argv=None):
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
     parser.add_argument("--exclude-labels", default="",
-                        help="audit.py's label_audit.csv: the labelled points it flags are left "
-                             "out, so their rows get no crop and their grades are masked in the "
-                             "loss (kept in train.csv and scored in validation)")
+                        help="the label_audit.csv of tools/audit.py: the labelled points it flags "
+                             "are left out, so their rows get no crop and their grades are masked "
+                             "in the loss (kept in train.csv and scored in validation)")
     parser.add_argument("--n-slices", type=int, default=5, help="slices per 2.5D crop (odd)")
     parser.add_argument("--crop-px", type=int, default=48,
                         help="crop side in pixels after resampling")

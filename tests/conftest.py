@@ -10,7 +10,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# the pipeline's modules, and the dataset builders and tools beside them (run by path)
+sys.path[:0] = [str(ROOT), str(ROOT / "datasets"), str(ROOT / "tools")]
 SHARED = ROOT.parent / "shared"
 
 

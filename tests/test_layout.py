@@ -15,9 +15,9 @@ SCRIPTS = [
     "train_landmarks.py",
     "train_severity.py",
     "infer.py",
-    "synthetic.py",
-    "real_stenosis.py",
-    "audit.py",
+    "datasets/synthetic.py",
+    "datasets/real_stenosis.py",
+    "tools/audit.py",
 ]
 MODULES = ["data", "tables", "cache", "inputs", "models", "predict", "losses", "training", "viz",
            "phantom"]
@@ -35,11 +35,16 @@ def imported_modules(path):
     return names
 
 
+def stem(script):
+    """'datasets/synthetic.py' -> 'synthetic': the name it is imported by."""
+    return script.rsplit("/", 1)[-1][:-3]
+
+
 def script_imports(root):
     """{script: [other scripts it imports]} for the entry scripts under root."""
-    stems = {s[:-3] for s in SCRIPTS}
+    stems = {stem(s) for s in SCRIPTS}
     return {
-        script: sorted(imported_modules(root / script) & (stems - {script[:-3]}))
+        script: sorted(imported_modules(root / script) & (stems - {stem(script)}))
         for script in SCRIPTS
     }
 
@@ -53,14 +58,16 @@ def test_no_script_imports_another_script():
 
 def test_the_import_check_catches_a_script_importing_a_script(tmp_path):
     for script in SCRIPTS:
+        (tmp_path / script).parent.mkdir(exist_ok=True)
         (tmp_path / script).write_text("import data\n")
     (tmp_path / "infer.py").write_text(
         "import numpy as np\nfrom train_landmarks import predict_sagittal\n"
     )
     (tmp_path / "train_severity.py").write_text("def f():\n    import infer\n")
     assert script_imports(tmp_path) == {"train_landmarks.py": [], "train_severity.py": ["infer"],
-                                        "infer.py": ["train_landmarks"], "synthetic.py": [],
-                                        "real_stenosis.py": [], "audit.py": []}
+                                        "infer.py": ["train_landmarks"],
+                                        "datasets/synthetic.py": [],
+                                        "datasets/real_stenosis.py": [], "tools/audit.py": []}
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -73,7 +80,7 @@ def test_module_docstring_examples_run(name):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_docstring_commands_parse(script):
     """Every `python <script> ...` line of a script's docstring names flags the script accepts."""
-    module = importlib.import_module(script[:-3])
+    module = importlib.import_module(stem(script))
     commands = re.findall(rf"^\s*python {re.escape(script)} (.+)$", module.__doc__, flags=re.M)
     assert commands, f"{script}: no runnable example in its docstring"
     for command in commands:
@@ -83,21 +90,27 @@ def test_script_docstring_commands_parse(script):
 def test_readme_files_table_lists_every_python_file():
     readme = (ROOT / "README.md").read_text()
     listed = set(re.findall(r"^\| `([\w/]+\.py)` \|", readme, flags=re.M))
-    present = {p.name for p in ROOT.glob("*.py")}
+    present = {str(p.relative_to(ROOT)) for p in project_files(ROOT)}
     assert (
         listed == present
     ), f"README Files table: missing {present - listed}, stale {listed - present}"
 
 
+def project_files(root):
+    """The pipeline at the root, the dataset builders and the tools."""
+    return sorted(root.glob("*.py")) + sorted(root.glob("datasets/*.py")) + sorted(
+        root.glob("tools/*.py"))
+
+
 def python_files(root):
-    return sorted(root.glob("*.py")) + sorted((root / "tests").glob("*.py"))
+    return project_files(root) + sorted((root / "tests").glob("*.py"))
 
 
 def test_no_function_but_main_and_the_training_loops_is_longer_than_about_fifty_lines():
     """main() wires the script and parse_args() lists its flags; train() holds a training loop,
     which reads best in one piece (the step in view, as in nanoGPT's train.py)."""
     long = []
-    for path in ROOT.glob("*.py"):
+    for path in project_files(ROOT):
         for node in ast.walk(ast.parse(path.read_text())):
             limits = {"main": None, "parse_args": None, "train": 105}
             limit = limits.get(getattr(node, "name", ""), 55)
@@ -156,7 +169,7 @@ def test_statements_are_plain_and_functions_take_at_most_six_parameters():
     """The pipeline's files; the synthetic-data generators (synthetic.py, phantom.py) describe
     anatomy with more knobs and are exempt from the parameter count."""
     found = []
-    for path in ROOT.glob("*.py"):
+    for path in project_files(ROOT):
         generator = path.name in ("synthetic.py", "phantom.py")
         found += [f for f in dense_statements(path) if not (generator and "parameters" in f)]
     assert not found, found
@@ -196,21 +209,22 @@ def readme_commands(text):
         for part in line.split("&&"):
             words = shlex.split(part.split("#")[0])
             if len(words) > 1 and words[0] == "python" and words[1].endswith(".py"):
-                commands.append((words[1], words[2:]))
+                commands.append((words[1], words[2:]))  # the script's path, its flags
     return commands
 
 
 def test_every_readme_command_names_flags_its_script_accepts():
     commands = readme_commands((ROOT / "README.md").read_text())
-    assert {"synthetic.py", "train_landmarks.py", "train_severity.py", "infer.py"} <= {
+    assert {"datasets/synthetic.py", "train_landmarks.py", "train_severity.py", "infer.py"} <= {
         script for script, _ in commands}
     for script, flags in commands:
-        module = importlib.import_module(script[:-3])
+        assert (ROOT / script).is_file(), f"README runs {script}, which is not there"
+        module = importlib.import_module(stem(script))
         module.parse_args([flag.replace("$k", "0") for flag in flags])
     fake = "```bash\npython infer.py --data-dir d \\\n  --no-such-flag && python x.py\n```\n"
     with pytest.raises(SystemExit):  # the check itself can fail
         for script, flags in readme_commands(fake):
-            importlib.import_module(script[:-3]).parse_args(flags)
+            importlib.import_module(stem(script)).parse_args(flags)
 
 
 def resolve(dotted):
@@ -265,7 +279,7 @@ def reading_order_calls(text):
 
 def project_names(text):
     """Every backticked `module.name...` of the README whose module is a project module."""
-    modules = {p.stem for p in ROOT.glob("*.py")}
+    modules = {p.stem for p in project_files(ROOT)}
     return sorted({name for name in re.findall(r"`([a-z_]+(?:\.[A-Za-z_]+)+)`", text)
                    if name.split(".")[0] in modules and not name.endswith(".py")})
 

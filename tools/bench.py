@@ -1,13 +1,13 @@
 """Speed and size of the data path, networks, training loops and inference on a synthetic set.
 
     # demo-sized frames (160 px), a few minutes on 2 CPU cores
-    python bench.py --quick
+    python tools/bench.py --quick
     # real frame size: 512-640 px, real fields of view and slice counts
-    python bench.py --size 512 --studies 6 --quick
+    python tools/bench.py --size 512 --studies 6 --quick
     # the networks beside their loaders only, at real frame size
-    python bench.py --size 512 --studies 6 --parts networks
+    python tools/bench.py --size 512 --studies 6 --parts networks
     # on an existing set and trained run
-    python bench.py --data-dir demo --out-dir runs/demo
+    python tools/bench.py --data-dir demo --out-dir runs/demo
 
 Prints one line per figure and a final summary line:
 1. series loading in slices/s: a naive baseline (per slice pydicom.dcmread + pixel_array + PIL
@@ -28,6 +28,7 @@ import contextlib
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 
@@ -37,6 +38,9 @@ import pydicom
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "datasets")]  # data.py & co., and synthetic.py
 
 import data
 import infer

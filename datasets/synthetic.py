@@ -7,19 +7,22 @@ geometry. Test truth goes to solution.csv and solution_coordinates.csv only. Wit
 known share of the training coordinates is made wrong and named in label_errors.csv: the benchmark
 of audit.py.
 
-    python synthetic.py --out /tmp/spine --train-studies 40 --test-studies 10 --seed 0 --quirks
-    python synthetic.py --out /tmp/spine_errors --label-errors 0.05 --seed 0
+    python datasets/synthetic.py --out /tmp/spine --train-studies 40 --test-studies 10 --quirks
+    python datasets/synthetic.py --out /tmp/spine_errors --label-errors 0.05 --seed 0
 """
 
 import argparse
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data.py & co.
 
 from data import (CONDITION_NAMES, CONDITIONS, LABEL_COLUMNS, LEVEL_NAMES, SERIES_OF_CONDITION,
                   SERIES_TYPES, SEVERITIES, SUBMISSION_COLUMNS)

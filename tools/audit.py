@@ -1,8 +1,8 @@
 """Label audit: the training labels that contradict the images, named before anyone trains on them.
 
-    python audit.py --data-dir demo --out-dir runs/audit
-    python audit.py --data-dir demo --out-dir runs/audit --landmark-dir runs/demo
-    python audit.py --data-dir ../shared/real_labels --out-dir runs/real_audit --labels-only
+    python tools/audit.py --data-dir demo --out-dir runs/audit
+    python tools/audit.py --data-dir demo --out-dir runs/audit --landmark-dir runs/demo
+    python tools/audit.py --data-dir ../shared/real_labels --out-dir runs/real_audit --labels-only
 
 (../shared/real_labels holds no train_label_coordinates.csv: add --coordinates
 train_label_coordinates.fix01b.csv.) Writes RUN/label_audit.csv, one row per suspect label and
@@ -19,11 +19,14 @@ RUN/label_audit.csv`.
 
 import argparse
 import os
+import sys
 import warnings
 from collections import namedtuple
 
 import numpy as np
 import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data.py & co.
 
 import data
 import tables

@@ -1,7 +1,7 @@
 """Real images with real canal-stenosis labels as competition studies, and a k-fold report on them.
 
-    python real_stenosis.py convert --source ../shared/real_stenosis --out real
-    python real_stenosis.py report --data-dir real --runs 'runs/real_fold*'
+    python datasets/real_stenosis.py convert --source ../shared/real_stenosis --out real
+    python datasets/real_stenosis.py report --data-dir real --runs 'runs/real_fold*'
 
 The source is one mid-sagittal T2 slice per patient (384 x 384 PNG) with YOLO boxes: discs (classes
 0, 1, 3, 4) and canal stenosis (class 2) at the posterior margin of a disc. Each patient becomes a
@@ -21,12 +21,15 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # data.py & co.
 
 import data
 import losses
