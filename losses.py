@@ -179,49 +179,19 @@ def weighted_prior(labels, smoothing=0.0):
 # training losses
 
 
-def weighted_cross_entropy(logits, targets, label_smoothing=0.0):
+def weighted_cross_entropy(logits, targets):
     """Cross entropy weighted (1, 2, 4) by the true class, as the metric is; targets == MISSING are
     masked out.
 
     logits (N, 3), targets (N,) int64. Returns the weighted mean over labelled rows (0 with a graph
     if none).
-    label_smoothing keeps the model from betting everything on one class: one confident miss
-    (p = 1e-4 on a Severe row) costs 4 * 9.2 in the metric, more than a hundred well-graded rows
-    earn.
     """
     weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=logits.dtype, device=logits.device)
     labelled = targets != MISSING
     safe_targets = targets.clamp(min=0)
-    per_row = F.cross_entropy(logits.float(), safe_targets, reduction="none",
-                              label_smoothing=label_smoothing)
+    per_row = F.cross_entropy(logits.float(), safe_targets, reduction="none")
     row_weights = weights[safe_targets] * labelled
     return (per_row * row_weights).sum() / row_weights.sum().clamp(min=1e-8)
-
-
-def any_severe_loss(logits, targets):
-    """The metric's any_severe_spinal term from per-study rows: logits (B * 25, 3), targets
-    (B * 25,) in LABEL_COLUMNS order. Weighted binary log loss of max over the spinal levels of
-    p(severe) against 'any level Severe', weight = the worst labelled row's weight."""
-    spinal_logits = logits.view(-1, N_LABELS, N_SEVERITIES)[:, data.SPINAL_COLUMNS]  # (B, 5, 3)
-    spinal_targets = targets.view(-1, N_LABELS)[:, data.SPINAL_COLUMNS]
-    # as in the metric, an unlabelled level takes no part in the max
-    labelled = spinal_targets != MISSING
-    severe = (
-        spinal_logits.float()
-        .softmax(-1)[..., 2]
-        .masked_fill(~labelled, 0.0)
-        .max(dim=1)
-        .values.clamp(EPS, 1 - EPS)
-    )
-    worst = (
-        torch.where(labelled, spinal_targets, torch.zeros_like(spinal_targets)).max(dim=1).values
-    )
-    weights = torch.as_tensor(SEVERITY_WEIGHTS, dtype=severe.dtype, device=severe.device)[
-        worst
-    ] * labelled.any(dim=1)
-    target = (worst == 2).to(severe.dtype)
-    loss = F.binary_cross_entropy(severe, target, reduction="none")
-    return (loss * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
 # -----------------------------------------------------------------------------

@@ -73,9 +73,6 @@ def parse_args(argv=None):
                         help="after each epoch, BatchNorm statistics are recomputed on the crops "
                              "of this many training studies before validating and saving (0: keep "
                              "the running ones)")
-    parser.add_argument("--severe-repeat", type=int, default=1,
-                        help="studies with a Severe label appear this many times per epoch (1: "
-                             "once, as the others)")
     # model
     parser.add_argument("--pretrained", default="",
                         help="optional torchvision ResNet-18 state dict file")
@@ -90,10 +87,6 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     parser.add_argument("--warmup-steps", type=int, default=20,
                         help="linear warmup steps, then cosine to 0")
-    parser.add_argument("--label-smoothing", type=float, default=0.0,
-                        help="cross-entropy label smoothing (calibration)")
-    parser.add_argument("--any-severe-weight", type=float, default=0.0,
-                        help="weight of the any_severe_spinal loss term")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     # system
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -104,8 +97,8 @@ def parse_args(argv=None):
                              "1.5-1.9 x faster; --no-amp: off everywhere")
     # debugging
     parser.add_argument("--overfit-batches", type=int, default=0,
-                        help="train on this many batches only, no jitter, no label smoothing: the "
-                             "loss must go to about 0")
+                        help="train on this many batches only, no jitter: the loss must go to "
+                             "about 0")
     parser.add_argument("--dry-run", action="store_true", help="one short epoch on a few studies")
     parser.add_argument("--resume", action="store_true", help="continue from RUN/severity_last.pt")
     args = parser.parse_args(argv)
@@ -364,11 +357,9 @@ def member_splits(entries, members):
 
 
 def make_loader(entries, args, runtime):
-    """The training DataLoader of a network's studies; those with a Severe label come
-    --severe-repeat times."""
-    severe = [e for e in entries if (e.labels == data.SEVERITIES.index("Severe")).any()]
+    """The training DataLoader of a network's studies."""
     augment = not args.overfit_batches
-    dataset = StudyCrops(entries + severe * (args.severe_repeat - 1), args, augment)
+    dataset = StudyCrops(entries, args, augment)
     return training.distributed_loader(dataset, args.batch_size, augment, collate_studies, args,
                                        runtime)
 
@@ -432,7 +423,6 @@ def train(name, entries, val_entries, prior, args, runtime):
     train_model = training.wrap_for_training(model, runtime)  # DistributedDataParallel (torchrun)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.autocast_context(device, args.amp)
-    smoothing = 0.0 if args.overfit_batches else args.label_smoothing
     last_path = os.path.join(args.out_dir, f"{name}_last.pt")
     start_epoch, step, best = 0, 0, float("inf")
     if args.resume:
@@ -468,11 +458,7 @@ def train(name, entries, val_entries, prior, args, runtime):
             labels = batch.labels.to(device, non_blocking=True)  # (B * 25,), MISSING = no label
             with autocast:  # bfloat16/float16 on CUDA; on the CPU with --amp
                 logits = train_model(crops, groups)  # (A, 3)
-            loss = losses.weighted_cross_entropy(logits, labels[slots], smoothing)
-            if args.any_severe_weight:  # per study: every row in place, rows without a crop masked
-                placed = logits.new_zeros(len(labels), data.N_SEVERITIES)
-                placed = placed.index_copy(0, slots, logits)
-                loss = loss + args.any_severe_weight * losses.any_severe_loss(placed, labels)
+            loss = losses.weighted_cross_entropy(logits, labels[slots])
             if not torch.isfinite(loss):  # stop at once, naming the studies of the batch
                 studies = [loader.dataset.study_of(i) for i in batch.indices.tolist()]
                 raise FloatingPointError(f"severity: non-finite loss at step {step} "

@@ -84,25 +84,6 @@ def test_weighted_cross_entropy_masks_empty_labels_and_weights_classes():
                                                                                   rel=1e-6)
 
 
-def test_any_severe_loss_equals_the_metric_term():
-    rng = np.random.default_rng(1)
-    logits = torch.tensor(rng.normal(size=(6, 5, 3)) * 2, dtype=torch.float32)
-    targets = torch.tensor(rng.choice(3, size=(6, 5), p=[0.6, 0.25, 0.15]))
-    labels = np.zeros((6, 25), dtype=np.int64)
-    labels[:, :5] = targets.numpy()
-    probabilities = np.tile([1 / 3, 1 / 3, 1 / 3], (6, 25, 1))
-    probabilities[:, :5] = logits.softmax(-1).numpy()
-    solution = losses.labels_to_solution(np.arange(6), labels)
-    metric = losses.condition_group_losses(
-        solution, losses.probabilities_to_submission(np.arange(6), probabilities)
-    )
-    all_logits = torch.zeros(6, 25, 3)
-    # the loss takes whole studies' rows and picks the spinal ones itself
-    all_logits[:, :5] = logits
-    loss = losses.any_severe_loss(all_logits.view(-1, 3), torch.tensor(labels).view(-1))
-    assert loss.item() == pytest.approx(metric["any_severe_spinal"], rel=1e-5)
-
-
 def test_collapse_is_named_for_a_group_graded_one_class_and_not_for_a_healthy_one():
     rng = np.random.default_rng(0)
     labels = rng.choice(3, size=(20, 25), p=[0.7, 0.2, 0.1])
