@@ -53,7 +53,7 @@ def parse_args(argv=None):
     parser.add_argument("--true-landmarks", action="store_true",
                         help="grade crops at the labelled points instead of predicted ones (train "
                         "split, or solution_coordinates.csv beside a test split): stage 2 alone")
-    parser.add_argument("--tta-shift-mm", type=float, default=0.0,
+    parser.add_argument("--tta-shift-mm", type=float, default=4.0,
                         help="also grade crops moved this far up, down, forward and back, and "
                         "average (0: off); softens the cost of a misplaced landmark")
     parser.add_argument("--report", type=int, default=0,

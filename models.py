@@ -115,23 +115,3 @@ class SeverityNet(nn.Module):
         logits = self.heads(pooled).view(batch, -1, data.N_SEVERITIES)  # (B, groups, 3)
         return logits[torch.arange(batch, device=crops.device), groups]  # (B, 3)
 
-
-def encoder_from_landmarks(net, path):
-    """Copy a trained LandmarkNet's ResNet layers (stem, layer1-3) from the landmark checkpoint at
-    path into SeverityNet net's encoder: stage 2 starts from what stage 1 learnt of the same
-    images, with no download. The first conv keeps the slice channel's filters (the landmark net's
-    second channel, the slice offset, has no counterpart in a crop). Returns the tensors copied."""
-    landmark = torch.load(path, map_location="cpu", weights_only=False)["model"]
-    renames = {"stem.0.": "encoder.0.", "stem.1.": "encoder.1.", "layer1.1.": "encoder.4.",
-               "layer2.": "encoder.5.", "layer3.": "encoder.6."}
-    own = net.state_dict()
-    copied = {}
-    for key, value in landmark.items():
-        for old, new in renames.items():
-            if key.startswith(old):
-                target = new + key[len(old):]
-                copied[target] = value[:, :1] if target == "encoder.0.weight" else value
-    if not copied or any(own[k].shape != v.shape for k, v in copied.items()):
-        raise ValueError(f"{path}: not a landmark checkpoint whose trunk fits the severity encoder")
-    net.load_state_dict(copied, strict=False)
-    return len(copied)

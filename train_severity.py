@@ -24,7 +24,7 @@ import inputs
 import losses
 import tables
 import training
-from models import SeverityNet, encoder_from_landmarks
+from models import SeverityNet
 from predict import (UNIT_TEMPERATURES, SeverityModel, grade_study, load_landmark_models,
                      load_severity_models, predict_landmarks)
 from viz import save_confusion_png, save_crops_png
@@ -76,9 +76,6 @@ def parse_args(argv=None):
     # model
     parser.add_argument("--pretrained", default="",
                         help="optional torchvision ResNet-18 state dict file")
-    parser.add_argument("--init-from", default="",
-                        help="a landmark checkpoint (RUN/landmarks_sag_t2_best.pt): start the "
-                             "encoder from its trained ResNet layers (no download needed)")
     # optimization
     parser.add_argument("--epochs", type=int, default=24, help="epochs")
     parser.add_argument("--batch-size", type=int, default=4,
@@ -415,11 +412,7 @@ def train(name, entries, val_entries, prior, args, runtime):
     loader = make_loader(entries, args, runtime)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
     total_steps = args.epochs * steps_per_epoch
-    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None)
-    if args.init_from:
-        print(f"{name}: encoder from {args.init_from} "
-              f"({encoder_from_landmarks(model, args.init_from)} tensors)")
-    model = model.to(device)
+    model = SeverityNet(args.n_slices, pretrained_path=args.pretrained or None).to(device)
     train_model = training.wrap_for_training(model, runtime)  # DistributedDataParallel (torchrun)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     autocast, scaler = training.autocast_context(device, args.amp)

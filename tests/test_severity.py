@@ -215,3 +215,34 @@ def test_a_crop_read_from_its_window_equals_one_read_from_the_whole_frame():
         whole = _full_frame_crop(series, (d, col, row), 30.0, 24, 3, degrees)
         np.testing.assert_allclose(window.numpy(), whole.numpy(), atol=1e-5)
     assert whole.abs().max() == 0 and window.shape == (3, 24, 24)  # off the frame: zeros
+
+
+def test_shift_tta_averages_the_grades_of_the_crop_and_four_copies_moved_by_mm():
+    """predict.grade_study with shift_mm: the mean of five gradings, at the landmark and moved
+    shift_mm along the columns and the rows (each axis in its own pixel spacing), against crops cut
+    here at those five places."""
+    import predict
+
+    series = _series(depth=3, height=64, width=64, spacing=(0.5, 1.0))  # rows 0.5 mm, cols 1 mm
+    series.volume[1, 29:32, 33:36] = 1.0  # a mark 4 mm right of the landmark (col 30, row 30)
+    series.volume[1, 21:24, 29:32] = 0.5  # and a fainter one 4 mm above it (8 rows)
+
+    def net(crops, groups):  # grades the centre pixel: bright means Moderate
+        centre = crops[:, crops.shape[1] // 2, 4, 4]
+        return torch.stack([torch.zeros_like(centre), 20 * (centre - 0.25),
+                            torch.full_like(centre, -30.0)], dim=1)
+
+    settings = dict(n_slices=1, crop_px=9, crop_mm=[9.0, 9.0, 9.0])
+    models = [predict.SeverityModel(net, settings, predict.UNIT_TEMPERATURES)]
+    study = {7: data.StudySeries("Sagittal T2/STIR", 7, series)}
+    landmark = data.Landmark("Sagittal T2/STIR", 7, 1, 30.0, 30.0, 1.0)
+    landmarks = {("spinal_canal_stenosis", "l1_l2"): landmark}
+    expected = []
+    for right_mm, down_mm in ((0, 0), (4, 0), (-4, 0), (0, 4), (0, -4)):
+        crop = inputs.crop_2p5d(series, (1, 30.0 + right_mm / 1.0, 30.0 + down_mm / 0.5), 9.0, 9, 1)
+        expected.append(net(crop[None], None).softmax(-1)[0].numpy())
+    graded, available = predict.grade_study(models, study, landmarks, "cpu", shift_mm=4.0)
+    assert available[0] and not available[1:].any()
+    np.testing.assert_allclose(graded[0], np.mean(expected, axis=0), atol=1e-5)
+    unshifted, _ = predict.grade_study(models, study, landmarks, "cpu", shift_mm=0.0)
+    assert graded[0, 1] > unshifted[0, 1] + 0.2  # the marks were found only by the moved copies
