@@ -178,36 +178,6 @@ def mirror_flags(series, slice_index, condition):
     return False, bool(orientation[0] * lateral < 0)  # axial: columns run along u
 
 
-def spine_degrees(study, landmarks):
-    """{(condition, level): degrees} that turn a sagittal crop so the spine runs straight down it:
-    the in-plane direction, in mm, from the same condition's point one level up to the one a level
-    down on the same series (the point itself where a neighbour is missing; L5/S1 takes its
-    direction from L4/L5). Axial points, and points with no neighbour, are left out (0 degrees).
-
-    The turn is the angle of crop_2p5d's: a crop turned by it has its rows along that direction.
-    """
-    out = {}
-    for (condition, level), landmark in landmarks.items():
-        series = study[landmark.series_id].series
-        normal = data.slice_normals(series.orientations[int(landmark.slice)])
-        if abs(normal[0]) <= 0.7:  # not sagittal
-            continue
-        k = data.LEVELS.index(level)
-        ends = []
-        for j in (k - 1, k + 1):  # the level above, then the one below
-            neighbour = landmarks.get((condition, data.LEVELS[j])) if 0 <= j < 5 else None
-            same = neighbour is not None and neighbour.series_id == landmark.series_id
-            ends.append(neighbour if same else landmark)
-        above, below = ends
-        if above is below:
-            continue
-        row_mm, col_mm = series.pixel_spacing[int(landmark.slice)]
-        right_mm, down_mm = (below.col - above.col) * col_mm, (below.row - above.row) * row_mm
-        # crop_2p5d turns its rows onto (-sin, cos) in (right, down) mm: onto the spine here
-        out[(condition, level)] = math.degrees(math.atan2(-right_mm, down_mm))
-    return out
-
-
 def study_crops(study, landmarks, settings, degrees=None):
     """Crops (A, S, C, C) of the A rows that have a landmark, their condition groups (A,) and their
     columns (A,): indices into LABEL_COLUMNS, in that order. A row without a landmark gets no crop
@@ -220,10 +190,8 @@ def study_crops(study, landmarks, settings, degrees=None):
     study: {series_id: data.StudySeries}; landmarks: {(condition, level): data.Landmark}; settings:
     the severity checkpoint's input settings {n_slices, crop_px, crop_mm (one per condition group)}.
     Right-side crops are mirrored onto the left (mirror_flags), so one head serves both sides.
-    degrees (25,): turn each crop (training). settings["align_spine"] (absent: off): sagittal crops
-    are also turned so the spine runs straight down them (spine_degrees).
+    degrees (25,): turn each crop (training).
     """
-    aligned = spine_degrees(study, landmarks) if settings.get("align_spine") else {}
     crops, columns = [], []
     for j, (condition, level) in enumerate(data.COLUMN_POINTS):
         landmark = landmarks.get((condition, level))
@@ -232,7 +200,7 @@ def study_crops(study, landmarks, settings, degrees=None):
         series = study[landmark.series_id].series
         reverse, flip_columns = mirror_flags(series, landmark.slice, condition)
         size_mm = settings["crop_mm"][data.GROUP_OF_CONDITION[condition]]
-        turn = aligned.get((condition, level), 0.0) + (0.0 if degrees is None else degrees[j])
+        turn = 0.0 if degrees is None else degrees[j]
         point_px = landmark.slice, landmark.col, landmark.row
         crop = crop_2p5d(series, point_px, size_mm, settings["crop_px"], settings["n_slices"], turn)
         if reverse:  # slices toward the midline

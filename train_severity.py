@@ -10,7 +10,6 @@ RUN/confusion_*.png.
 """
 
 import argparse
-import math
 import os
 import time
 import warnings
@@ -58,12 +57,6 @@ def parse_args(argv=None):
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     parser.add_argument("--rotate-degrees", type=float, default=15.0,
                         help="max in-plane turn of each training crop, degrees")
-    parser.add_argument("--align-spine", action="store_true",
-                        help="turn each sagittal crop so the spine runs straight down it (the "
-                             "direction between the neighbouring levels' points; kept in the "
-                             "checkpoint, so inference does the same)")
-    parser.add_argument("--scale-jitter", type=float, default=0.0,
-                        help="training crops cover crop-mm x exp(U(-s, s)) (0: off)")
     parser.add_argument("--members", type=int, default=1,
                         help="train this many networks, each leaving out one fold of the training "
                              "studies; inference averages them, and per-group temperatures are "
@@ -142,8 +135,7 @@ def load_labelled_study(entry, cache_dir):
 
 def crop_settings(args):
     """What a severity checkpoint keeps so that inference rebuilds the same crops."""
-    return dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm),
-                align_spine=args.align_spine)
+    return dict(n_slices=args.n_slices, crop_px=args.crop_px, crop_mm=list(args.crop_mm))
 
 
 class StudyCrops(torch.utils.data.Dataset):
@@ -169,11 +161,7 @@ class StudyCrops(torch.utils.data.Dataset):
             landmarks = inputs.jitter_landmarks(study, landmarks, args.jitter_mm, args.slice_jitter)
             if args.rotate_degrees:
                 degrees = np.random.uniform(-1, 1, data.N_LABELS) * args.rotate_degrees
-        settings = self.settings
-        if self.augment and args.scale_jitter:
-            scale = math.exp(np.random.uniform(-args.scale_jitter, args.scale_jitter))
-            settings = dict(settings, crop_mm=[mm * scale for mm in settings["crop_mm"]])
-        crops, groups, columns = inputs.study_crops(study, landmarks, settings, degrees)
+        crops, groups, columns = inputs.study_crops(study, landmarks, self.settings, degrees)
         if self.augment and len(crops):
             crops = inputs.random_intensity(crops.flatten(0, 1)).view_as(crops)
         labels = torch.full((data.N_LABELS,), data.MISSING, dtype=torch.long)
