@@ -240,48 +240,6 @@ def heatmap_loss(logits, targets, depth_mask, input_size, sigma):
     return (kl * labelled).sum() / labelled.sum().clamp(min=1)
 
 
-def fit_temperatures(logits, labels, grid=np.exp(np.linspace(np.log(0.2), np.log(5.0), 65))):
-    """Per condition group, the temperature T (probabilities = softmax(logits / T)) that minimises
-    the metric on held-out rows: the group's weighted log loss, plus, for the spinal group, the
-    any_severe_spinal term it drives.
-
-    logits (N, 25, 3), labels (N, 25) with MISSING for empty cells. Returns [T_spinal, T_foraminal,
-    T_subarticular] (1.0 for a group with no labelled row). A grid search: three one-dimensional
-    problems, no gradients.
-    """
-    logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
-    out = []
-    for name, columns in data.GROUP_COLUMNS.items():
-        if not (labels[:, columns] != MISSING).any():
-            out.append(1.0)
-            continue
-        costs = [
-            _group_cost(logits[:, columns] / t, labels[:, columns], name == "spinal") for t in grid
-        ]
-        out.append(float(grid[int(np.argmin(costs))]))
-    return out
-
-
-def _group_cost(logits, labels, with_any_severe):
-    """The metric's weighted log loss of one group's rows (N, C, 3) logits against (N, C) labels,
-    clipped as the host clips; with_any_severe adds the any_severe_spinal term (the group is the
-    spinal one)."""
-    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-    probabilities = np.clip(probabilities / probabilities.sum(-1, keepdims=True), EPS, 1 - EPS)
-    keep = labels != MISSING
-    weights = np.asarray(SEVERITY_WEIGHTS)[np.where(keep, labels, 0)] * keep
-    picked = np.take_along_axis(probabilities, np.where(keep, labels, 0)[..., None], -1)[..., 0]
-    cost = float((weights * -np.log(picked)).sum() / weights.sum())
-    if with_any_severe:
-        studies = keep.any(axis=1)
-        severe = probabilities[..., 2].max(axis=1)[studies]
-        target = (np.where(keep, labels, 0).max(axis=1) == 2)[studies]
-        study_weights = weights.max(axis=1)[studies]
-        cost += float((study_weights * -np.log(np.where(target, severe, 1 - severe))).sum()
-                      / study_weights.sum())
-    return cost
-
-
 def collapsed_groups(labels, predicted):
     """{group: the one class predicted for all its rows} for every condition group whose labelled
     rows hold two or more true classes yet get a single predicted class: the model has stopped

@@ -27,9 +27,8 @@ import data
 import inputs
 from models import MASKED, LandmarkNet, SeverityNet
 
-# a trained severity network with the crop settings it reads and its per-group temperature
-SeverityModel = namedtuple("SeverityModel", "net settings temperatures")
-UNIT_TEMPERATURES = [1.0] * len(data.GROUPS)  # logits graded as they are: no calibration
+# a trained severity network with the crop settings it reads
+SeverityModel = namedtuple("SeverityModel", "net settings")
 
 # -----------------------------------------------------------------------------
 # checkpoints
@@ -56,17 +55,15 @@ def load_landmark_models(folder, device):
 
 
 def load_severity_models(paths, device):
-    """[SeverityModel] of severity checkpoints (an ensemble checkpoint gives one per member), and
+    """[SeverityModel] of severity checkpoints (several: an ensemble, averaged by grade_study), and
     the training prior (25, 3) of the first one."""
     found, prior = [], None
     for path in paths:
         checkpoint = torch.load(path, map_location=device, weights_only=False)
         settings = checkpoint["settings"]
-        temperatures = checkpoint.get("temperatures", UNIT_TEMPERATURES)
-        for state in checkpoint.get("members", [checkpoint.get("model")]):
-            net = SeverityNet(settings["n_slices"]).to(device)
-            net.load_state_dict(state)
-            found.append(SeverityModel(net.eval(), settings, temperatures))
+        net = SeverityNet(settings["n_slices"]).to(device)
+        net.load_state_dict(checkpoint["model"])
+        found.append(SeverityModel(net.eval(), settings))
         if prior is None:
             prior = np.asarray(checkpoint["prior"])
     return found, prior
@@ -440,9 +437,9 @@ def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
     """(25, 3) mean probabilities of the severity models (NaN rows without a landmark) and (25,)
     availability.
 
-    severity_models: [SeverityModel]. Each grades crops made with its own checkpoint's settings,
-    its logits divided by its per-group temperature. shift_mm > 0 also grades crops moved that far
-    along the image's columns and rows (test-time augmentation) and averages.
+    severity_models: [SeverityModel]. Each grades crops made with its own checkpoint's settings.
+    shift_mm > 0 also grades crops moved that far along the image's columns and rows (test-time
+    augmentation) and averages.
     """
     offsets = [(0.0, 0.0)]
     if shift_mm:
@@ -453,15 +450,14 @@ def grade_study(severity_models, study, landmarks, device, shift_mm=0.0):
     for along_col_mm, along_row_mm in offsets:
         moved = shifted(study, landmarks, along_col_mm, along_row_mm)
         crops_of = {}  # settings -> crops: models sharing settings share crops
-        for net, settings, temperatures in severity_models:
+        for net, settings in severity_models:
             key = json.dumps(settings, sort_keys=True)
             if key not in crops_of:
                 crops_of[key] = inputs.study_crops(study, moved, settings)
             crops, groups, columns = crops_of[key]  # only the rows with a landmark
             if len(columns):
                 logits = net(crops.to(device), groups.to(device)).float().cpu()
-                temperature = torch.as_tensor(temperatures, dtype=torch.float32)[groups, None]
-                total[columns.numpy()] += (logits / temperature).softmax(-1).numpy()
+                total[columns.numpy()] += logits.softmax(-1).numpy()
                 available[columns.numpy()] = True
             count += 1
     total[~available] = np.nan

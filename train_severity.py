@@ -24,8 +24,8 @@ import losses
 import tables
 import training
 from models import SeverityNet
-from predict import (UNIT_TEMPERATURES, SeverityModel, grade_study, load_landmark_models,
-                     load_severity_models, predict_landmarks)
+from predict import (SeverityModel, grade_study, load_landmark_models, load_severity_models,
+                     predict_landmarks)
 from viz import save_confusion_png, save_crops_png
 
 
@@ -57,11 +57,6 @@ def parse_args(argv=None):
     parser.add_argument("--slice-jitter", type=int, default=1, help="max slice jitter in training")
     parser.add_argument("--rotate-degrees", type=float, default=15.0,
                         help="max in-plane turn of each training crop, degrees")
-    parser.add_argument("--members", type=int, default=1,
-                        help="train this many networks, each leaving out one fold of the training "
-                             "studies; inference averages them, and per-group temperatures are "
-                             "fitted on their out-of-fold predictions (1: one network on all "
-                             "training studies, no calibration)")
     parser.add_argument("--bn-studies", type=int, default=16,
                         help="after each epoch, BatchNorm statistics are recomputed on the crops "
                              "of this many training studies before validating and saving (0: keep "
@@ -327,20 +322,6 @@ def split_entries(entries, args):
     return train_entries, val_entries
 
 
-def member_splits(entries, members):
-    """[(studies a member trains on, studies it leaves out)]: one member on everything, or one per
-    fold of members."""
-    if members == 1:
-        return [(entries, [])]
-    folds = tables.assign_folds([e.study_id for e in entries], members, seed=1)  # not the val folds
-    splits = []
-    for k in range(members):
-        fit = [e for e in entries if folds[e.study_id] != k]
-        left_out = [e for e in entries if folds[e.study_id] == k]
-        splits.append((fit, left_out))
-    return splits
-
-
 def make_loader(entries, args, runtime):
     """The training DataLoader of a network's studies."""
     augment = not args.overfit_batches
@@ -383,7 +364,7 @@ def end_of_epoch_metrics(net, norm_batches, val_entries, prior, args, device):
         training.recompute_batchnorm(net, norm_batches)
     if not val_entries:
         return {}
-    graded_by = [SeverityModel(net, crop_settings(args), UNIT_TEMPERATURES)]
+    graded_by = [SeverityModel(net, crop_settings(args))]
     probabilities = predict_entries(graded_by, prior, val_entries, args.cache_dir, device)
     labels = np.stack([e.labels for e in val_entries])
     collapsed = losses.collapsed_groups(labels, probabilities.argmax(-1))
@@ -478,41 +459,12 @@ def train(name, entries, val_entries, prior, args, runtime):
         best = min(best, monitored)
         checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                           args=vars(args), settings=crop_settings(args),
-                          temperatures=UNIT_TEMPERATURES, prior=prior.tolist(), epoch=epoch,
+                          prior=prior.tolist(), epoch=epoch,
                           step=step, best=best)
         training.save_checkpoint(last_path, checkpoint)
         if monitored <= best:
             training.save_checkpoint(os.path.join(args.out_dir, f"{name}_best.pt"), checkpoint)
     return log_row
-
-
-def load_trained(name, args, device):
-    """The network RUN/<name>_best.pt holds (RUN/<name>_last.pt when no epoch was best)."""
-    path = os.path.join(args.out_dir, f"{name}_best.pt")
-    if not os.path.exists(path):
-        path = os.path.join(args.out_dir, f"{name}_last.pt")
-    net = SeverityNet(args.n_slices).to(device)
-    net.load_state_dict(torch.load(path, map_location=device, weights_only=False)["model"])
-    return net
-
-
-def calibrate(nets, splits, prior, args, device):
-    """Per-group temperatures fitted on the members' out-of-fold predictions (each member grading
-    the studies it left out, on predicted landmarks when landmark checkpoints are at hand, else on
-    the labelled points)."""
-    landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
-    held_out = []
-    for net, (_, left_out) in zip(nets, splits):
-        member = SeverityModel(net, crop_settings(args), UNIT_TEMPERATURES)
-        held_out.append(predict_entries([member], prior, left_out, args.cache_dir, device,
-                                        landmark_models))
-    labels = np.concatenate([np.stack([e.labels for e in left_out]) for _, left_out in splits])
-    log_probabilities = np.log(np.clip(np.concatenate(held_out), 1e-12, 1.0))
-    temperatures = losses.fit_temperatures(log_probabilities, labels)
-    where = "predicted" if landmark_models else "labelled"
-    print(f"temperatures fitted on {len(labels)} out-of-fold studies ({where} landmarks): "
-          + ", ".join(f"{g} {t:.2f}" for g, t in zip(data.GROUPS, temperatures)))
-    return temperatures
 
 
 def main(argv=None):
@@ -540,27 +492,15 @@ def main(argv=None):
         first = collate_studies([dataset[i] for i in range(min(4, len(train_entries)))])
         save_crops_png(os.path.join(args.out_dir, "crops_train.png"), first.crops, first.groups,
                        first.labels[first.slots])
-    splits = member_splits(train_entries, args.members)
-    names = []
-    for k, (fit, _) in enumerate(splits):
-        names.append("severity" if args.members == 1 else f"severity_member{k}")
-        started = time.time()
-        last_row = train(names[-1], fit, val_entries, prior, args, runtime)
-        if main_process:
-            print(f"{names[-1]} trained: {args.epochs} epochs in {time.time() - started:.0f} s")
-        if last_row.get("collapsed"):
-            where = f"{'validation' if val_entries else 'training'} studies at the last epoch"
-            warnings.warn(collapse_message(last_row["collapsed"], where))
+    started = time.time()
+    last_row = train("severity", train_entries, val_entries, prior, args, runtime)
+    if main_process:
+        print(f"severity trained: {args.epochs} epochs in {time.time() - started:.0f} s")
+    if last_row.get("collapsed"):
+        where = f"{'validation' if val_entries else 'training'} studies at the last epoch"
+        warnings.warn(collapse_message(last_row["collapsed"], where))
     training.end_distributed(runtime)
-    if not main_process:
-        return {}
-    if args.members > 1:  # one checkpoint holds the ensemble and its calibration
-        nets = [load_trained(name, args, runtime.device) for name in names]
-        temperatures = calibrate(nets, splits, prior, args, runtime.device)
-        ensemble = dict(members=[net.state_dict() for net in nets], settings=crop_settings(args),
-                        temperatures=temperatures, prior=prior.tolist(), args=vars(args))
-        training.save_checkpoint(os.path.join(args.out_dir, "severity_best.pt"), ensemble)
-    if not val_entries:
+    if not main_process or not val_entries:
         return {}
     return final_validation(prior, val_entries, landmark_models, args, runtime.device)
 

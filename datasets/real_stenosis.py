@@ -257,29 +257,6 @@ def spinal_rows(study_ids, labels, submission):
     return np.array(scores), np.array(grades), np.array(levels), np.array(studies)
 
 
-def out_of_fold_temperature(study_ids, labels, graded, folds):
-    """(the spinal term with each fold's grades rescaled by a temperature fitted on the other folds,
-    [T per fold]):
-    whether post-hoc calibration would help on studies it was not fitted on."""
-    row_ids = [f"{s}_{column}" for s in study_ids for column in data.LABEL_COLUMNS]
-    probabilities = (
-        graded.set_index("row_id").loc[row_ids, data.SUBMISSION_COLUMNS].to_numpy(np.float64)
-    )
-    logits = np.log(probabilities.reshape(len(study_ids), data.N_LABELS, data.N_SEVERITIES))
-    scaled, temperatures = np.zeros_like(logits), []
-    for fold in np.unique(folds):
-        inside = folds == fold
-        # the spinal group's
-        temperature = losses.fit_temperatures(logits[~inside], labels[~inside])[0]
-        shifted = logits[inside] / temperature
-        scaled[inside] = np.exp(shifted - shifted.max(-1, keepdims=True))
-        temperatures.append(temperature)
-    scaled /= scaled.sum(-1, keepdims=True)
-    submission = losses.probabilities_to_submission(study_ids, losses.finalise(scaled))
-    terms = losses.condition_group_losses(losses.labels_to_solution(study_ids, labels), submission)
-    return terms["spinal"], temperatures
-
-
 def read_folds(data_dir, runs_glob):
     """(study ids, labels, fold of each, the folds' validation files [path], their frames, all ids,
     all labels of train.csv) for the studies graded by a k-fold run."""
@@ -311,8 +288,6 @@ def report(data_dir, runs_glob, bins):
                prior_spinal=losses.condition_group_losses(solution, prior)["spinal"],
                auc=auc(scores, positives),
                level_auc=[auc(scores[levels == k], positives[levels == k]) for k in range(5)])
-    out["spinal_temperature"], temperatures = out_of_fold_temperature(study_ids, labels, graded,
-                                                                      folds)
     out["reliability"] = reliability(scores, grades, bins)
     print(f"{len(study_ids)} studies in {len(paths)} folds")
     print(f"spinal term {out['spinal']:.3f}, weighted prior {out['prior_spinal']:.3f}, "
@@ -320,8 +295,6 @@ def report(data_dir, runs_glob, bins):
     per_level = " ".join(f"{name} {value:.3f}" for name, value in zip(data.LEVEL_NAMES,
                                                                         out["level_auc"]))
     print(f"AUC of P(not Normal/Mild) {out['auc']:.3f}; per level {per_level}")
-    print(f"spinal term with a temperature fitted out of fold {out['spinal_temperature']:.3f} "
-          f"(T per fold {' '.join(f'{t:.2f}' for t in temperatures)})")
     mean_severe = graded[graded["row_id"].str.contains("spinal")]["severe"].mean()
     print(f"mean P(Severe) on spinal rows {mean_severe:.3f}")
     print("reliability of P(not Normal/Mild): bin, rows, mean predicted, observed rate, "

@@ -356,40 +356,6 @@ def test_a_level_outside_every_axial_series_falls_back_to_the_prior_with_a_warni
         assert (f"right_subarticular_stenosis_{level}" in message) == (level in upper), message
 
 
-def test_members_train_on_complementary_folds_and_one_checkpoint_holds_them_with_their_temperatures(
-    tiny, trained, tmp_path
-):
-    import predict
-    import torch
-    entries = train_severity.labelled_studies(str(tiny))
-    splits = train_severity.member_splits(entries, 2)
-    held_out = [e.study_id for _, left_out in splits for e in left_out]
-    # every study left out exactly once
-    assert sorted(held_out) == sorted(e.study_id for e in entries)
-    for fit, left_out in splits:
-        assert {e.study_id for e in fit} == {e.study_id for e in entries} - {
-            e.study_id for e in left_out
-        }
-    run = tmp_path / "members"
-    train_severity.main(
-        _common(tiny, run)
-        + ["--members", "2", "--epochs", "1", "--all-studies", "--crop-px", "32", "--landmark-dir",
-           str(trained)]
-    )
-    checkpoint = torch.load(run / "severity_best.pt", weights_only=False)
-    assert (len(checkpoint["members"]) == 2 and len(checkpoint["temperatures"]) == 3
-            and min(checkpoint["temperatures"]) > 0)
-    assert all((run / f"severity_member{k}.csv").exists() for k in range(2))
-    severity_models, prior = predict.load_severity_models([str(run / "severity_best.pt")],
-                                                          torch.device("cpu"))
-    assert len(severity_models) == 2 and prior.shape == (25, 3)
-    infer.main(
-        ["--data-dir", str(tiny), "--out-dir", str(run), "--cache-dir", str(tiny / "cache"),
-         "--landmark-dir", str(trained)]
-    )
-    _assert_complete(pd.read_csv(run / "submission.csv"), tiny)
-
-
 def test_eval_mode_grades_what_training_fitted_when_most_rows_have_no_landmark(tmp_path):
     """Only the 5 canal rows of each study are labelled (as on the real stenosis set): training must
     not forward stand-in images for the other 20, or BatchNorm learns batch statistics that eval

@@ -137,5 +137,4 @@ def test_both_stages_and_the_report_run_on_real_patients(tmp_path):
     )
     assert result["studies"] == 10 and result["folds"] == 2
     assert np.isfinite(result["spinal"]) and np.isfinite(result["prior_spinal"])
-    assert np.isfinite(result["spinal_temperature"])
     assert sum(row[2] for row in result["reliability"]) == 10 * data.N_LEVELS

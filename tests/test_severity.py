@@ -233,7 +233,7 @@ def test_shift_tta_averages_the_grades_of_the_crop_and_four_copies_moved_by_mm()
                             torch.full_like(centre, -30.0)], dim=1)
 
     settings = dict(n_slices=1, crop_px=9, crop_mm=[9.0, 9.0, 9.0])
-    models = [predict.SeverityModel(net, settings, predict.UNIT_TEMPERATURES)]
+    models = [predict.SeverityModel(net, settings)]
     study = {7: data.StudySeries("Sagittal T2/STIR", 7, series)}
     landmark = data.Landmark("Sagittal T2/STIR", 7, 1, 30.0, 30.0, 1.0)
     landmarks = {("spinal_canal_stenosis", "l1_l2"): landmark}
@@ -246,3 +246,23 @@ def test_shift_tta_averages_the_grades_of_the_crop_and_four_copies_moved_by_mm()
     np.testing.assert_allclose(graded[0], np.mean(expected, axis=0), atol=1e-5)
     unshifted, _ = predict.grade_study(models, study, landmarks, "cpu", shift_mm=0.0)
     assert graded[0, 1] > unshifted[0, 1] + 0.2  # the marks were found only by the moved copies
+
+
+def test_several_severity_models_are_averaged_in_probability():
+    """An ensemble (infer.py --severity-checkpoints A,B): the mean of the members' softmaxes."""
+    import predict
+
+    series = _series(depth=3, height=64, width=64)
+    study = {7: data.StudySeries("Sagittal T2/STIR", 7, series)}
+    landmarks = {("spinal_canal_stenosis", "l2_l3"): data.Landmark("Sagittal T2/STIR", 7, 1, 30.0,
+                                                                   30.0, 1.0)}
+    settings = dict(n_slices=1, crop_px=9, crop_mm=[9.0, 9.0, 9.0])
+    members = []
+    for logits in ([2.0, 0.0, -1.0], [-1.0, 1.0, 0.5]):
+        def net(crops, groups, logits=torch.tensor(logits)):
+            return logits.expand(len(crops), 3)
+        members.append(predict.SeverityModel(net, settings))
+    graded, available = predict.grade_study(members, study, landmarks, "cpu", shift_mm=0.0)
+    expected = [torch.tensor(v).softmax(0).numpy() for v in ([2.0, 0.0, -1.0], [-1.0, 1.0, 0.5])]
+    np.testing.assert_allclose(graded[1], np.mean(expected, axis=0), atol=1e-6)
+    assert available.tolist() == [False, True] + [False] * 23
