@@ -372,11 +372,11 @@ def end_of_epoch_metrics(net, norm_batches, val_entries, prior, args, device):
                 collapsed=describe_collapse(collapsed))
 
 
-def train(name, entries, val_entries, prior, args, runtime):
-    """Train one severity network on entries, logging RUN/<name>.csv and saving
-    RUN/<name>_{last,best}.pt (best: lowest validation loss, else training loss). Returns the last
+def train(entries, val_entries, prior, args, runtime):
+    """Train the severity network on entries, logging RUN/severity.csv and saving
+    RUN/severity_{last,best}.pt (best: lowest validation loss, else training loss). Returns the last
     epoch's log row."""
-    device = runtime.device
+    device, name = runtime.device, "severity"  # RUN/severity.csv, RUN/severity_*.pt
     main_process = runtime.rank == 0  # logs, checkpoints, validation and printing happen once
     loader = make_loader(entries, args, runtime)
     steps_per_epoch = min(len(loader), args.overfit_batches or len(loader))
@@ -493,7 +493,7 @@ def main(argv=None):
         save_crops_png(os.path.join(args.out_dir, "crops_train.png"), first.crops, first.groups,
                        first.labels[first.slots])
     started = time.time()
-    last_row = train("severity", train_entries, val_entries, prior, args, runtime)
+    last_row = train(train_entries, val_entries, prior, args, runtime)
     if main_process:
         print(f"severity trained: {args.epochs} epochs in {time.time() - started:.0f} s")
     if last_row.get("collapsed"):
