@@ -148,10 +148,10 @@ def print_progress(where, batch_losses, lr, started, steps_done, steps_left):
 
 
 def print_row(row):
-    print(
-        "  "
-        + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
-    )
+    """One log row on one line; an empty field (e.g. no collapsed group) is left out."""
+    shown = {k: v for k, v in row.items() if v != ""}
+    print("  " + " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in shown.items()))
 
 
 class CsvLog:

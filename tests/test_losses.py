@@ -8,6 +8,7 @@ import torch
 import data
 import losses
 import tables
+import training
 from reference import column_prior_submission, reference_score
 
 
@@ -99,3 +100,11 @@ def test_collapse_is_named_for_a_group_graded_one_class_and_not_for_a_healthy_on
     # a group whose truth is all one class cannot be said to collapse
     one_class = np.zeros((20, 25), dtype=np.int64)
     assert losses.collapsed_groups(one_class, one_class) == {}
+
+
+def test_the_printed_log_row_names_a_collapse_and_leaves_out_an_empty_one(capsys):
+    training.print_row(dict(epoch=3, train_loss=0.16354, collapsed="", data_wait=0.0062))
+    quiet = capsys.readouterr().out
+    assert "collapsed" not in quiet and "train_loss 0.1635" in quiet and "data_wait 0.0062" in quiet
+    training.print_row(dict(epoch=3, collapsed="spinal:Moderate"))
+    assert "collapsed spinal:Moderate" in capsys.readouterr().out
