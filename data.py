@@ -217,7 +217,8 @@ def load_series(series_dir, cache_dir=None):
     cached = cache.read(cache_path) if cache_path else None
     if cached is not None:
         stored, fields = cached
-        return Series(volume=cache.StoredVolume(stored, fields["intensity_range"]), **fields)
+        volume = cache.StoredVolume(stored, fields["intensity_range"], cache_path)
+        return Series(volume=volume, **fields)
     frames, problems = [], []
     for name in names:
         path = os.path.join(series_dir, name)
@@ -238,7 +239,7 @@ def load_series(series_dir, cache_dir=None):
     if cache_path:
         stored = cache.quantise(series.volume, series.intensity_range)
         cache.write(cache_path, stored, {k: v for k, v in series.__dict__.items() if k != "volume"})
-        series.volume = cache.StoredVolume(stored, series.intensity_range)
+        series.volume = cache.StoredVolume(stored, series.intensity_range, cache_path)
     return series
 
 

@@ -213,6 +213,35 @@ def test_folds_are_deterministic_balanced_and_order_free():
     assert folds != tables.assign_folds(ids, n_folds=5, seed=4)
 
 
+def test_a_cached_series_is_shrunk_once_and_its_small_copy_follows_changed_files(tmp_path,
+                                                                                monkeypatch):
+    import cache
+    import inputs
+
+    folder = _axial_stack(tmp_path, [1, 2, 3], [0.0, 5.0, 10.0])
+    series = data.load_series(folder, cache_dir=tmp_path / "cache")
+    shrunk = inputs.sagittal_slices(series, 6)
+    # the same bytes as shrinking the stored volume on every call
+    uncached = cache.StoredVolume(series.volume.stored, series.intensity_range)
+    one_by_one = inputs.resize_slices(np.array(uncached.stored), 6).float() * cache.QUANTUM
+    np.testing.assert_array_equal(shrunk, one_by_one)
+    np.testing.assert_array_equal(inputs.axial_image(series, 1, 6), one_by_one[1:2])
+    assert len(list((tmp_path / "cache").glob("*_6px.npy"))) == 1
+
+    def no_shrinking(*args):
+        raise AssertionError("shrunk again")
+
+    monkeypatch.setattr(inputs, "resize_slices", no_shrinking)
+    again = data.load_series(folder, cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(inputs.sagittal_slices(again, 6), shrunk)  # read, not made
+    monkeypatch.undo()
+    write_frame(folder / "2.dcm", np.full((8, 10), 7, dtype=np.uint16), (-2.0, -3.0, 5.0),
+                instance=2)
+    changed = data.load_series(folder, cache_dir=tmp_path / "cache")
+    assert float(inputs.axial_image(changed, 1, 6).max()) < float(shrunk[1].max())
+    assert not np.array_equal(inputs.sagittal_slices(changed, 6), shrunk)
+
+
 def test_network_inputs_from_the_cache_match_those_from_the_dicom_within_the_cache_steps(tmp_path):
     import cache
     import inputs

@@ -350,7 +350,7 @@ def main(argv=None):
     cache_dir = os.path.join(scratch, "cache")
     if args.quick and not args.steps:
         args.steps = 4
-    summary = [f"{args.size} px frames"]
+    summary = [f"{args.size} px frames" if not args.data_dir else data_dir]
     if "loading" in args.parts:
         summary += report_loading(data_dir, cache_dir, args)
     if "storage" in args.parts:
