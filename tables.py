@@ -113,13 +113,24 @@ def series_by_study(descriptions):
     return out
 
 
-def labelled_series(data_dir, split="train"):
+def coordinates_path(data_dir, coordinates):
+    """The coordinate file a --coordinates flag names: a path, or a file name in data_dir."""
+    return coordinates if os.path.exists(coordinates) else os.path.join(data_dir, coordinates)
+
+
+def labelled_series(data_dir, split="train", coordinates=""):
     """[LabelledSeries] of every series listed in {split}_series_descriptions.csv, with the points
-    labelled on it ({} when the split has no coordinate file or the series carries no label)."""
+    labelled on it ({} when the split has no coordinate file or the series carries no label).
+    coordinates: another coordinate file (coordinates_path), e.g. a corrected copy; it must
+    exist."""
     descriptions = read_series_descriptions(
         os.path.join(data_dir, f"{split}_series_descriptions.csv")
     )
     coordinates_file = os.path.join(data_dir, f"{split}_label_coordinates.csv")
+    if coordinates:
+        coordinates_file = coordinates_path(data_dir, coordinates)
+        if not os.path.exists(coordinates_file):
+            _fail(coordinates_file, "no such coordinate file (--coordinates)")
     points = {}
     if os.path.exists(coordinates_file):
         for row in read_coordinates(coordinates_file).itertuples(index=False):
@@ -167,10 +178,11 @@ def without_flagged(items, flagged):
     return kept, dropped
 
 
-def training_series(data_dir, exclude_labels=""):
-    """labelled_series of the train split, less the points an audit CSV flags when exclude_labels
-    names one (both training scripts' --exclude-labels; the count left out is printed)."""
-    items = labelled_series(data_dir, "train")
+def training_series(data_dir, exclude_labels="", coordinates=""):
+    """labelled_series of the train split (from the coordinate file --coordinates names, if any),
+    less the points an audit CSV flags when exclude_labels names one (both training scripts'
+    --exclude-labels; the count left out is printed)."""
+    items = labelled_series(data_dir, "train", coordinates)
     if not exclude_labels:
         return items
     items, dropped = without_flagged(items, read_flagged(exclude_labels))

@@ -50,6 +50,10 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
+    parser.add_argument("--coordinates", default="",
+                        help="train on another label coordinate file: a path, or a name in "
+                             "--data-dir (e.g. a corrected copy, or tools/audit.py's "
+                             "train_label_coordinates.repaired.csv; default: the set's own)")
     parser.add_argument("--exclude-labels", default="",
                         help="the label_audit.csv of tools/audit.py: the labelled points it flags "
                              "are left out (masked), in training and validation alike")
@@ -426,7 +430,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     # the audit's suspects, with --exclude-labels: no target rather than a wrong one
-    items = tables.training_series(args.data_dir, args.exclude_labels)
+    items = tables.training_series(args.data_dir, args.exclude_labels, args.coordinates)
     train_items, val_items = split_items(items, args)
     canal_points = {}
     if "axial" in args.series_types:

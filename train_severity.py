@@ -42,6 +42,10 @@ def parse_args(argv=None):
     parser.add_argument("--fold", type=int, default=0, help="validation fold")
     parser.add_argument("--all-studies", action="store_true",
                         help="train on every study, no validation")
+    parser.add_argument("--coordinates", default="",
+                        help="train on another label coordinate file: a path, or a name in "
+                             "--data-dir (e.g. a corrected copy, or tools/audit.py's "
+                             "train_label_coordinates.repaired.csv; default: the set's own)")
     parser.add_argument("--exclude-labels", default="",
                         help="the label_audit.csv of tools/audit.py: the labelled points it flags "
                              "are left out, so their rows get no crop and their grades are masked "
@@ -99,12 +103,13 @@ def parse_args(argv=None):
 LabelledStudy = namedtuple("LabelledStudy", "study_id labels series_items points")
 
 
-def labelled_studies(data_dir, exclude_labels=""):
-    """[LabelledStudy] of train.csv, in its order; without the points an audit CSV flags, when
-    exclude_labels names one (tables.without_flagged)."""
+def labelled_studies(data_dir, exclude_labels="", coordinates=""):
+    """[LabelledStudy] of train.csv, in its order, with the points of the coordinate file
+    (tables.labelled_series); without the points an audit CSV flags, when exclude_labels names one
+    (tables.without_flagged)."""
     study_ids, labels = tables.read_labels(os.path.join(data_dir, "train.csv"))
     series_of_study = {}
-    for item in tables.training_series(data_dir, exclude_labels):
+    for item in tables.training_series(data_dir, exclude_labels, coordinates):
         series_of_study.setdefault(item.study_id, []).append(item)
     out = []
     for study_id, study_labels in zip(study_ids.tolist(), labels):
@@ -476,8 +481,8 @@ def main(argv=None):
         training.save_args(args.out_dir, "train_severity", args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    train_entries, val_entries = split_entries(labelled_studies(args.data_dir, args.exclude_labels),
-                                               args)
+    entries = labelled_studies(args.data_dir, args.exclude_labels, args.coordinates)
+    train_entries, val_entries = split_entries(entries, args)
     if not train_entries:
         raise ValueError(f"{args.data_dir}: no training studies "
                          f"(fold {args.fold} of {args.n_folds} holds them all)")

@@ -253,6 +253,35 @@ def test_excluded_labels_are_left_out_of_training(clean, tmp_path):
     assert not kept & dropped and len(kept) == len(coordinates) - 2
 
 
+def test_the_repaired_file_moves_flagged_labels_to_the_models_points_and_keeps_the_rest():
+    def row(study, condition, x):
+        return dict(study_id=study, series_id=10 * study, instance_number=3, condition=condition,
+                    level="l1_l2", x=x, y=5.0)
+
+    coordinates = pd.DataFrame([row(1, "a", 1.0), row(1, "b", 2.0), row(2, "a", 3.0)])
+    frame = pd.DataFrame(dict(study_id=[1, 2], condition=["b", "a"], level=["l1_l2"] * 2,
+                              kind=["wrong_side", "level_slip"]))
+    predictions = [row(1, "a", 40.0), row(1, "b", 50.0)]  # study 2: the models found nothing
+    fixed, moved = audit.repaired(coordinates, frame, predictions)
+    by_key = {(r.study_id, r.condition): r.x for r in fixed.itertuples()}
+    assert moved == 1
+    # (1, a) was not flagged: kept where it was labelled; (1, b) moved; (2, a) left out
+    assert by_key == {(1, "a"): 1.0, (1, "b"): 50.0}
+
+
+def test_training_reads_the_coordinate_file_it_is_given(clean, tmp_path):
+    coordinates = pd.read_csv(clean / "train_label_coordinates.csv")
+    coordinates.loc[0, "x"] += 7.0
+    coordinates.to_csv(tmp_path / "fixed.csv", index=False)
+    first = tables.read_coordinates(tmp_path / "fixed.csv").iloc[0]
+    entries = train_severity.labelled_studies(str(clean), coordinates=str(tmp_path / "fixed.csv"))
+    points = {e.study_id: e.points for e in entries}
+    point = points[first.study_id][(first.condition, first.level)]
+    assert point.x == first.x
+    with pytest.raises(ValueError, match="missing.csv"):
+        train_severity.labelled_studies(str(clean), coordinates=str(tmp_path / "missing.csv"))
+
+
 def test_the_benchmark_counts_precision_and_recall():
     errors = pd.DataFrame(dict(study_id=[1, 1, 2], condition=["a", "b", "a"],
                                level=["l1_l2"] * 3, kind=["side_swap", "side_swap", "level_slip"]))

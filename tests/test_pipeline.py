@@ -482,3 +482,30 @@ def test_cpu_autocast_is_off_by_default_and_bfloat16_on_request_where_it_is_nati
         assert bool(caught) == (amp is True and expected == torch.float32)
     for flags, amp in (([], None), (["--amp"], True), (["--no-amp"], False)):
         assert train_severity.parse_args(["--data-dir", "d", "--out-dir", "o"] + flags).amp == amp
+
+
+def test_the_audit_with_models_writes_a_repaired_file_that_training_reads(tiny, trained, tmp_path):
+    import audit
+
+    frame = audit.main(["--data-dir", str(tiny), "--out-dir", str(tmp_path), "--cache-dir",
+                        str(tiny / "cache"), "--landmark-dir", str(trained)])
+    original = tables.read_coordinates(tiny / "train_label_coordinates.csv")
+    fixed = tables.read_coordinates(tmp_path / "train_label_coordinates.repaired.csv")
+    flagged = set(zip(frame["study_id"], frame["condition"], frame["level"]))
+    assert flagged  # a one-epoch model disagrees with some labels
+
+    def by_key(rows):
+        return {(r.study_id, r.condition, r.level): (r.series_id, r.instance_number, r.x, r.y)
+                for r in rows.itertuples()}
+
+    before, after = by_key(original), by_key(fixed)
+    assert set(after) <= set(before)
+    for key, point in before.items():
+        if key not in flagged:
+            assert after[key] == point  # what the audit trusts is not touched
+        elif key in after:
+            assert after[key] != point  # moved to the models' point
+    train_severity.main(_common(tiny, tmp_path / "run") + [
+        "--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2", "--coordinates",
+        str(tmp_path / "train_label_coordinates.repaired.csv")])
+    assert (tmp_path / "run" / "severity_last.pt").exists()

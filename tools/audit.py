@@ -14,7 +14,9 @@ other down the spine, and a label must lie at its own level among the study's ot
 or no train_images/) only the checks on the coordinate file alone run. Where the data has
 synthetic.py's label_errors.csv, the audit is scored against it (RUN/audit_benchmark.csv).
 Train on what survives with `train_landmarks.py/train_severity.py --exclude-labels
-RUN/label_audit.csv`.
+RUN/label_audit.csv`. With --landmark-dir it also writes RUN/train_label_coordinates.repaired.csv:
+every label, the flagged ones moved to where the models put them, for `train_severity.py
+--coordinates` (stage 2 then keeps their grades, read where inference would read them).
 """
 
 import argparse
@@ -430,18 +432,45 @@ def geometry_flags(placed, guesses=None):
     return flags + wrong_side_flags(placed) + lateral_flags(placed)
 
 
+def predicted_rows(study_id, study, predicted):
+    """Rows in the coordinate file's schema (snake_case names) of predicted data.Landmark
+    records."""
+    rows = []
+    for (condition, level), landmark in predicted.items():
+        series = study[landmark.series_id].series
+        instance, x, y = data.volume_to_label(series, landmark.slice, landmark.col, landmark.row)
+        rows.append(dict(study_id=study_id, series_id=landmark.series_id, instance_number=instance,
+                         condition=condition, level=level, x=x, y=y))
+    return rows
+
+
 def audit_study(study, rows, landmark_models, device):
-    """[Flag] of one study's coordinate rows, on its loaded series {series_id: StudySeries}."""
+    """([Flag] of one study's coordinate rows, on its loaded series {series_id: StudySeries};
+    the models' predictions as coordinate rows, [] without models)."""
     placed, flags = place_labels(study, rows)
-    guesses = None
+    guesses, predictions = None, []
     if landmark_models:
         predicted, _ = predict_landmarks(landmark_models, study, device)
         guesses = guesses_of(study, predicted)
-    return flags + geometry_flags(placed, guesses)
+        predictions = predicted_rows(int(rows["study_id"].iloc[0]), study, predicted)
+    return flags + geometry_flags(placed, guesses), predictions
+
+
+def repaired(coordinates, frame, predictions):
+    """The coordinate rows with every label the audit flags moved to where the landmark models put
+    it, and left out where they put it nowhere: the grade of a misplaced label is kept, read where
+    inference would read it (train_severity.py --coordinates). Returns (rows, how many moved)."""
+    flagged = keys_of(frame)
+    kept = coordinates[[key not in flagged for key in keys_of_rows(coordinates)]]
+    moved = pd.DataFrame(predictions, columns=coordinates.columns)
+    moved = moved[[key in flagged for key in keys_of_rows(moved)]]
+    rows = pd.concat([kept, moved]).sort_values(["study_id", "series_id", "condition", "level"])
+    return rows, len(moved)
 
 
 def audit_images(args, coordinates, descriptions):
-    """[Flag] of the checks that read the DICOM headers (and the models, with --landmark-dir)."""
+    """([Flag] of the checks that read the DICOM headers (and the models, with --landmark-dir),
+    the models' predictions as coordinate rows)."""
     device = training.resolve_device(args.device)
     landmark_models = {}
     if args.landmark_dir:
@@ -451,11 +480,13 @@ def audit_images(args, coordinates, descriptions):
     listed = {}
     for row in descriptions.itertuples(index=False):
         listed.setdefault(int(row.study_id), {})[int(row.series_id)] = row.series_description
-    flags = []
+    flags, predictions = [], []
     for study_id, rows in coordinates.groupby("study_id"):
         study = load_study(args.data_dir, study_id, listed.get(study_id, {}), args.cache_dir)
-        flags += audit_study(study, rows, landmark_models, device)
-    return flags
+        study_flags, study_predictions = audit_study(study, rows, landmark_models, device)
+        flags += study_flags
+        predictions += study_predictions
+    return flags, predictions
 
 
 def write_audit(flags, path):
@@ -486,8 +517,12 @@ def print_summary(frame, coordinates):
 CHECK_OF_ERROR = {"side_swap": "wrong_side", "level_slip": "level_slip"}
 
 
+def keys_of_rows(frame):
+    return list(zip(frame["study_id"].tolist(), frame["condition"], frame["level"]))
+
+
 def keys_of(frame):
-    return set(zip(frame["study_id"].tolist(), frame["condition"], frame["level"]))
+    return set(keys_of_rows(frame))
 
 
 def benchmark(frame, errors):
@@ -521,25 +556,29 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     training.save_args(args.out_dir, "audit", args)
-    path = args.coordinates
-    if not os.path.exists(path):
-        path = os.path.join(args.data_dir, args.coordinates)
-    coordinates = tables.read_coordinates(path)
+    coordinates = tables.read_coordinates(tables.coordinates_path(args.data_dir, args.coordinates))
     descriptions = tables.read_series_descriptions(
         os.path.join(args.data_dir, "train_series_descriptions.csv"))
     if args.studies:
         chosen = [int(s) for s in args.studies.split(",")]
         coordinates = coordinates[coordinates["study_id"].isin(chosen)]
-    flags = duplicate_flags(coordinates) + same_instance_flags(coordinates)
+    flags, predictions = duplicate_flags(coordinates) + same_instance_flags(coordinates), []
     if args.labels_only or not os.path.isdir(os.path.join(args.data_dir, "train_images")):
         print("no images: the checks on the coordinate file alone (instance order, image x and y "
               "stand in for patient x and z)")
         flags += crossing_flags(coordinates) + recess_x_flags(coordinates)
         flags += canal_order_flags(coordinates)
     else:
-        flags += audit_images(args, coordinates, descriptions)
+        image_flags, predictions = audit_images(args, coordinates, descriptions)
+        flags += image_flags
     frame = write_audit(flags, os.path.join(args.out_dir, "label_audit.csv"))
     print_summary(frame, coordinates)
+    if predictions:  # with --landmark-dir: the flagged labels moved to the models' predictions
+        path = os.path.join(args.out_dir, "train_label_coordinates.repaired.csv")
+        fixed, moved = repaired(coordinates, frame, predictions)
+        fixed.to_csv(path, index=False)
+        print(f"wrote {path}: {moved} flagged labels moved to the models' points, "
+              f"{len(coordinates) - len(fixed)} left out (no prediction)")
     known = os.path.join(args.data_dir, "label_errors.csv")
     if os.path.exists(known):  # a synthetic set with planted errors: how many were found
         errors = tables.read_flagged(known)
