@@ -509,3 +509,11 @@ def test_the_audit_with_models_writes_a_repaired_file_that_training_reads(tiny, 
         "--epochs", "1", "--dry-run", "--crop-px", "32", "--batch-size", "2", "--coordinates",
         str(tmp_path / "train_label_coordinates.repaired.csv")])
     assert (tmp_path / "run" / "severity_last.pt").exists()
+    # an audit of one study repairs that study and leaves every other study's labels as they are
+    one = int(original["study_id"].iloc[0])
+    audit.main(["--data-dir", str(tiny), "--out-dir", str(tmp_path / "one"), "--cache-dir",
+                str(tiny / "cache"), "--landmark-dir", str(trained), "--studies", str(one)])
+    partial = tables.read_coordinates(tmp_path / "one" / "train_label_coordinates.repaired.csv")
+    partial = by_key(partial)
+    others = {key: point for key, point in before.items() if key[0] != one}
+    assert {key: partial[key] for key in others} == others

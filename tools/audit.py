@@ -556,7 +556,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     training.save_args(args.out_dir, "audit", args)
-    coordinates = tables.read_coordinates(tables.coordinates_path(args.data_dir, args.coordinates))
+    every_label = tables.read_coordinates(tables.coordinates_path(args.data_dir, args.coordinates))
+    coordinates = every_label
     descriptions = tables.read_series_descriptions(
         os.path.join(args.data_dir, "train_series_descriptions.csv"))
     if args.studies:
@@ -575,10 +576,10 @@ def main(argv=None):
     print_summary(frame, coordinates)
     if predictions:  # with --landmark-dir: the flagged labels moved to the models' predictions
         path = os.path.join(args.out_dir, "train_label_coordinates.repaired.csv")
-        fixed, moved = repaired(coordinates, frame, predictions)
+        fixed, moved = repaired(every_label, frame, predictions)  # unaudited studies as they are
         fixed.to_csv(path, index=False)
         print(f"wrote {path}: {moved} flagged labels moved to the models' points, "
-              f"{len(coordinates) - len(fixed)} left out (no prediction)")
+              f"{len(every_label) - len(fixed)} left out (no prediction)")
     known = os.path.join(args.data_dir, "label_errors.csv")
     if os.path.exists(known):  # a synthetic set with planted errors: how many were found
         errors = tables.read_flagged(known)
