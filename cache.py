@@ -12,7 +12,7 @@ memory map, so one slice is read without the rest.
     stored = quantise(volume, intensity_range)        # (D, H, W) uint8
     write(path, stored, fields); stored, fields = read(path)
     # indexing gives float32 in the series' own units
-    volume = StoredVolume(stored, intensity_range)
+    volume = StoredVolume(stored, intensity_range, path)
 
 A cache that cannot be written (disk full, read-only folder) warns once and the run carries on
 without it; a missing, half-written or corrupt cache file is a miss, never an error.
@@ -38,7 +38,7 @@ class StoredVolume:
     """A cached (D, H, W) volume: indexing gives float32 in the series' units, read only where
     indexed. path: its cache file stem, under which smaller copies of it are kept (resized)."""
 
-    def __init__(self, stored, intensity_range, path=None):
+    def __init__(self, stored, intensity_range, path):
         self.stored, self.shape, self.dtype = stored, stored.shape, np.dtype(np.float32)
         self.path = path
         low, high = (float(v) for v in intensity_range)

@@ -53,13 +53,9 @@ def input_slices(series, index, size):
     (cache.resized), so a training epoch reads a few small slices instead of shrinking 512 px frames
     again: this is what keeps a loader worker ahead of a GPU at 512 px.
     """
-    if isinstance(series.volume, cache.StoredVolume):
-        volume = series.volume
-        if volume.path:  # the bytes below, made once for the whole series
-            small = cache.resized(volume, size, resize_slices)[index]
-            return torch.from_numpy(np.array(small)).float() * cache.QUANTUM
-        stored = np.array(volume.stored[index])  # read from the memory map, writable
-        return resize_slices(stored, size).float() * cache.QUANTUM
+    if isinstance(series.volume, cache.StoredVolume):  # the stored bytes, shrunk once
+        small = cache.resized(series.volume, size, resize_slices)[index]
+        return torch.from_numpy(np.array(small)).float() * cache.QUANTUM
     return resize_slices(cache.normalise(series.volume[index], series.intensity_range), size)
 
 
