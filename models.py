@@ -1,5 +1,5 @@
-"""The two networks, built from torchvision ResNet-18 pieces (randomly initialised unless
---pretrained names a local state-dict file). predict.py runs them on a study.
+"""The two networks, built from ResNet-18 pieces written out here (randomly initialised unless
+--pretrained names a local torchvision state-dict file). predict.py runs them on a study.
 
 Slices (B, D, 2, H, W) -> heatmap logits (B, K, D, H/2, W/2); crops and their groups -> logits:
 
@@ -13,32 +13,69 @@ Slices (B, D, 2, H, W) -> heatmap logits (B, K, D, H/2, W/2); crops and their gr
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 import data
 
 MASKED = -1e4  # the logit of a heatmap cell a point may not take: no probability after the softmax
 
 
-def resnet18_trunk(in_channels, pretrained_path=None):
-    """ResNet-18 with its first conv taking in_channels; weights from a local state-dict file if
-    given."""
-    net = torchvision.models.resnet18(weights=None)
-    if pretrained_path:
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions and a shortcut; the first convolution may halve the resolution, and
+    then a strided 1x1 convolution brings the shortcut to the new shape."""
+
+    def __init__(self, in_channels, channels, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                            nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)), inplace=True)
+
+
+class ResNet18Trunk(nn.Module):
+    """ResNet-18 (He et al., 2016) up to layer3: stride 16, 256 channels. The parameter names are
+    torchvision's, so its ResNet-18 state-dict files load (their layer4 and classifier are not
+    used); the first convolution takes in_channels grey channels, its filters the mean of the RGB
+    ones. The networks below take its pieces; it has no forward of its own."""
+
+    def __init__(self, in_channels, pretrained_path=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)  # RGB, as the state-dict files
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = nn.Sequential(BasicBlock(64, 64), BasicBlock(64, 64))  # stride 4
+        self.layer2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128))  # stride 8
+        self.layer3 = nn.Sequential(BasicBlock(128, 256, 2), BasicBlock(256, 256))  # stride 16
+        for module in self.modules():  # BatchNorm starts at weight 1, bias 0
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        if pretrained_path:
+            self.load(pretrained_path)
+        first = self.conv1.weight.data.mean(dim=1, keepdim=True)  # (64, 1, 7, 7)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.conv1.weight.data.copy_(first.repeat(1, in_channels, 1, 1) / in_channels)
+
+    def load(self, path):
+        """Weights from a local torchvision ResNet-18 state-dict file; a wrong file is named."""
         try:
-            state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-            missing, unexpected = net.load_state_dict(state, strict=False)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing, unexpected = self.load_state_dict(state, strict=False)
         except Exception as error:  # not a torch file, or tensors of the wrong shapes
             why = f"{type(error).__name__}: {str(error)[:200]}"
-            raise ValueError(f"{pretrained_path}: not a ResNet-18 state dict ({why})") from error
-        if len(missing) > 2 or unexpected:  # only the classifier (fc.weight, fc.bias) may be absent
-            raise ValueError(f"{pretrained_path}: not a ResNet-18 state dict "
+            raise ValueError(f"{path}: not a ResNet-18 state dict ({why})") from error
+        unexpected = [key for key in unexpected if not key.startswith(("layer4.", "fc."))]
+        if missing or unexpected:
+            raise ValueError(f"{path}: not a ResNet-18 state dict "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    # (64, 1, 7, 7): grey input from RGB filters
-    first = net.conv1.weight.data.mean(dim=1, keepdim=True)
-    net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-    net.conv1.weight.data.copy_(first.repeat(1, in_channels, 1, 1) / in_channels)
-    return net
 
 
 class LandmarkNet(nn.Module):
@@ -53,7 +90,7 @@ class LandmarkNet(nn.Module):
 
     def __init__(self, n_points, pretrained_path=None, width=32):
         super().__init__()
-        trunk = resnet18_trunk(2, pretrained_path)
+        trunk = ResNet18Trunk(2, pretrained_path)
         self.stem = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu)  # stride 2, 64 ch
         self.layer1 = nn.Sequential(trunk.maxpool, trunk.layer1)  # stride 4, 64 ch
         self.layer2 = trunk.layer2  # stride 8, 128 ch
@@ -95,7 +132,7 @@ class SeverityNet(nn.Module):
 
     def __init__(self, n_slices, n_groups=len(data.GROUPS), pretrained_path=None, width=256):
         super().__init__()
-        trunk = resnet18_trunk(1, pretrained_path)
+        trunk = ResNet18Trunk(1, pretrained_path)
         self.encoder = nn.Sequential(trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool,
                                      trunk.layer1, trunk.layer2, trunk.layer3,
                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (N, 256)

@@ -61,13 +61,24 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
 
 
 def test_pretrained_weights_load_from_a_local_file_and_a_wrong_file_is_named(tmp_path):
-    import torchvision
+    torchvision = pytest.importorskip("torchvision")  # the reference network
     reference = torchvision.models.resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
     net = models.LandmarkNet(5, pretrained_path=str(tmp_path / "resnet18.pth"))
     torch.testing.assert_close(net.layer2.state_dict(), reference.layer2.state_dict())
     # grey filters, 2 channels
     torch.testing.assert_close(net.stem[0].weight[:, 0], reference.conv1.weight.mean(dim=1) / 2)
+    # the written-out trunk computes what torchvision's does, to layer3, from the same weights
+    trunk = models.ResNet18Trunk(3)
+    trunk.load(str(tmp_path / "resnet18.pth"))
+    reference.eval(), trunk.eval()
+    pieces = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+    x = y = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for name in pieces:
+            x, y = getattr(trunk, name)(x), getattr(reference, name)(y)
+    assert x.shape == (2, 256, 4, 4)
+    torch.testing.assert_close(x, y)
     (tmp_path / "notes.txt").write_text("not weights")
     torch.save({"layer1.0.conv1.weight": torch.zeros(3)}, tmp_path / "wrong.pth")
     for name in ("notes.txt", "wrong.pth"):
