@@ -517,3 +517,19 @@ def test_the_audit_with_models_writes_a_repaired_file_that_training_reads(tiny, 
     partial = by_key(partial)
     others = {key: point for key, point in before.items() if key[0] != one}
     assert {key: partial[key] for key in others} == others
+
+
+def test_landmark_errors_of_the_labelled_points_themselves_are_zero_and_each_series_loads_once(
+        tiny, monkeypatch):
+    truth = tables.read_coordinates(tiny / "train_label_coordinates.csv")
+    predicted = truth.sample(frac=1.0, random_state=0)  # the truth, rows shuffled
+    loads = []
+    load_series = data.load_series
+    monkeypatch.setattr(data, "load_series", lambda folder, *a: loads.append(folder)
+                        or load_series(folder, *a))
+    errors = infer.landmark_errors(predicted, truth, str(tiny), "train", "")
+    assert set(errors) == set(data.SERIES_TYPES)
+    for e in errors.values():
+        assert e["median_mm"] == e["p90_mm"] == 0.0 and e["slice_exact"] == 1.0
+    assert sorted(loads) == sorted(set(loads))  # each series once
+    assert len(loads) == truth[["study_id", "series_id"]].drop_duplicates().shape[0]
