@@ -397,7 +397,11 @@ def main(argv=None):
         study_ids = [int(s) for s in args.studies.split(",")]
     else:
         study_ids = sorted(descriptions["study_id"].unique().tolist())
-    landmark_models = load_landmark_models(args.landmark_dir or args.out_dir, device)
+    landmark_dir = args.landmark_dir or args.out_dir
+    landmark_models = load_landmark_models(landmark_dir, device)
+    if not landmark_models and not args.true_landmarks:  # every row would get the prior
+        raise FileNotFoundError(f"{landmark_dir}: no landmark model (landmarks_<type>_best.pt or "
+                                f"_last.pt); give the training run's folder with --landmark-dir")
     if args.severity_checkpoints:
         paths = args.severity_checkpoints.split(",")
     else:

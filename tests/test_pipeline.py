@@ -533,3 +533,11 @@ def test_landmark_errors_of_the_labelled_points_themselves_are_zero_and_each_ser
         assert e["median_mm"] == e["p90_mm"] == 0.0 and e["slice_exact"] == 1.0
     assert sorted(loads) == sorted(set(loads))  # each series once
     assert len(loads) == truth[["study_id", "series_id"]].drop_duplicates().shape[0]
+
+
+def test_inference_without_any_landmark_model_names_the_folder_instead_of_a_prior_submission(
+        tiny, trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: no landmark model"):
+        infer.main(["--data-dir", str(tiny), "--out-dir", str(tmp_path), "--split", "test",
+                    "--severity-checkpoints", str(trained / "severity_last.pt")])
+    assert not (tmp_path / "submission.csv").exists()
