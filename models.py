@@ -81,8 +81,9 @@ class ResNet18Trunk(nn.Module):
 def channels_last_(net):
     """Store the 2D convolution weights channels-last (NHWC); the activations follow the weights,
     so convolution, BatchNorm and max-pool run on their NHWC kernels, on a CPU and on a GPU. On the
-    CPU here the NCHW max-pool alone took 7 % of a landmark training step (EXPERIMENTS.md, "the
-    networks in channels-last order"). The depth-mixing Conv3d keeps its 5-D weights as they are."""
+    CPU here the NCHW max-pool alone took 7 % of a landmark training step, and float32 epochs got
+    10-20 % quicker (EXPERIMENTS.md, 2026-12-06, "the plumbing's cost"). The depth-mixing Conv3d
+    keeps its 5-D weights as they are."""
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
