@@ -335,17 +335,7 @@ def landmark_errors(predicted, truth, data_dir, split, cache_dir):
     """
     guesses = {(r.study_id, r.condition, r.level): r for r in predicted.itertuples(index=False)}
     errors = {series_type: ([], []) for series_type in data.SERIES_TYPES}
-    loaded = {}  # the series of the current study, each loaded once for its 5-10 points
-
-    def load(study_id, series_id):
-        if study_id not in loaded:
-            loaded.clear()
-            loaded[study_id] = {}
-        if series_id not in loaded[study_id]:
-            folder = series_dir(data_dir, split, study_id, series_id)
-            loaded[study_id][series_id] = data.load_series(folder, cache_dir)
-        return loaded[study_id][series_id]
-
+    loaded, study = {}, None  # the current study's series, each loaded once for its 5-10 points
     for row in truth.sort_values("study_id", kind="stable").itertuples(index=False):
         mm, slices = errors[data.SERIES_OF_CONDITION[row.condition]]
         guess = guesses.get((row.study_id, row.condition, row.level))
@@ -353,8 +343,13 @@ def landmark_errors(predicted, truth, data_dir, split, cache_dir):
             mm.append(np.inf)
             slices.append(np.inf)
             continue
-        true_series = load(row.study_id, row.series_id)
-        guess_series = load(row.study_id, guess.series_id)
+        if row.study_id != study:
+            loaded, study = {}, row.study_id
+        for series_id in (row.series_id, guess.series_id):
+            if series_id not in loaded:
+                folder = series_dir(data_dir, split, study, series_id)
+                loaded[series_id] = data.load_series(folder, cache_dir)
+        true_series, guess_series = loaded[row.series_id], loaded[guess.series_id]
         error_mm, error_slices = landmark_error(row, guess, true_series, guess_series)
         mm.append(error_mm)
         slices.append(error_slices)
