@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -215,6 +217,24 @@ def test_a_crop_read_from_its_window_equals_one_read_from_the_whole_frame():
         whole = _full_frame_crop(series, (d, col, row), 30.0, 24, 3, degrees)
         np.testing.assert_allclose(window.numpy(), whole.numpy(), atol=1e-5)
     assert whole.abs().max() == 0 and window.shape == (3, 24, 24)  # off the frame: zeros
+
+
+def test_a_cached_series_is_cropped_from_its_bytes_as_its_decoded_volume_would_be():
+    """crop_2p5d reads a cached volume's bytes directly (normalised intensities, QUANTUM a step);
+    the reference crops the same stored volume read as floats in the series' own units."""
+    series = _series(depth=5, height=120, width=90, spacing=(0.8, 0.6),
+                     intensity_range=(100.0, 900.0))
+    series.volume[:] = np.random.default_rng(1).uniform(0, 1000, series.volume.shape)
+    stored = cache.StoredVolume(cache.quantise(series.volume, series.intensity_range),
+                                series.intensity_range, "unused")
+    decoded = dataclasses.replace(series, volume=stored[:])  # floats, as an uncached series
+    cached = dataclasses.replace(series, volume=stored)
+    for d, col, row, degrees in [(2, 45.0, 60.0, 0.0), (0, 0.3, 0.2, 15.0), (4, 89.6, 119.4, -12.0)]:
+        from_bytes = inputs.crop_2p5d(cached, (d, col, row), 30.0, 24, 3, degrees)
+        np.testing.assert_allclose(from_bytes.numpy(),
+                                   _full_frame_crop(decoded, (d, col, row), 30.0, 24, 3,
+                                                    degrees).numpy(), atol=1e-5)
+        assert from_bytes.max() > 1.0  # the clip at 1.5 x the range is kept, not lost
 
 
 def test_shift_tta_averages_the_grades_of_the_crop_and_four_copies_moved_by_mm():
