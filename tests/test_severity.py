@@ -229,7 +229,8 @@ def test_a_cached_series_is_cropped_from_its_bytes_as_its_decoded_volume_would_b
                                 series.intensity_range, "unused")
     decoded = dataclasses.replace(series, volume=stored[:])  # floats, as an uncached series
     cached = dataclasses.replace(series, volume=stored)
-    for d, col, row, degrees in [(2, 45.0, 60.0, 0.0), (0, 0.3, 0.2, 15.0), (4, 89.6, 119.4, -12.0)]:
+    cases = [(2, 45.0, 60.0, 0.0), (0, 0.3, 0.2, 15.0), (4, 89.6, 119.4, -12.0)]
+    for d, col, row, degrees in cases:
         from_bytes = inputs.crop_2p5d(cached, (d, col, row), 30.0, 24, 3, degrees)
         np.testing.assert_allclose(from_bytes.numpy(),
                                    _full_frame_crop(decoded, (d, col, row), 30.0, 24, 3,
