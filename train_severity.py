@@ -62,9 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--rotate-degrees", type=float, default=15.0,
                         help="max in-plane turn of each training crop, degrees")
     parser.add_argument("--bn-studies", type=int, default=16,
-                        help="after each epoch, BatchNorm statistics are recomputed on the crops "
-                             "of this many training studies before validating and saving (0: keep "
-                             "the running ones)")
+                        help="BatchNorm statistics are recomputed on the crops of this many "
+                             "training studies before each validation, and after the last epoch "
+                             "(0: keep the running ones)")
     # model
     parser.add_argument("--pretrained", default="",
                         help="optional torchvision ResNet-18 state dict file")
@@ -379,8 +379,8 @@ def end_of_epoch_metrics(net, norm_batches, val_entries, prior, args, device):
 
 def train(entries, val_entries, prior, args, runtime):
     """Train the severity network on entries, logging RUN/severity.csv and saving
-    RUN/severity_{last,best}.pt (best: lowest validation loss, else training loss). Returns the last
-    epoch's log row."""
+    RUN/severity_{last,best}.pt (best: lowest validation loss; without validation studies, the last
+    epoch). Returns the last epoch's log row."""
     device, name = runtime.device, "severity"  # RUN/severity.csv, RUN/severity_*.pt
     main_process = runtime.rank == 0  # logs, checkpoints, validation and printing happen once
     loader = make_loader(entries, args, runtime)
@@ -449,8 +449,13 @@ def train(entries, val_entries, prior, args, runtime):
             continue
         print()
         # end of epoch: validate, look for collapse (on validation when there is one, else on the
-        # training batches), log a row, save the last (and best) checkpoint
-        metrics = end_of_epoch_metrics(model, norm_batches, val_entries, prior, args, device)
+        # training batches), log a row, save the last (and best) checkpoint. Without validation
+        # studies nothing is chosen (a training loss says nothing of grading): the BatchNorm
+        # statistics are recomputed, and the best checkpoint written, after the last epoch only;
+        # until then severity_last.pt keeps the running statistics (it is for --resume)
+        last_epoch = epoch == args.epochs - 1
+        metrics = end_of_epoch_metrics(model, norm_batches if val_entries or last_epoch else [],
+                                       val_entries, prior, args, device)
         collapsed = metrics.pop("collapsed", training_collapse(graded))
         if collapsed:
             where = f"{'validation' if val_entries else 'training'} studies"
@@ -460,14 +465,15 @@ def train(entries, val_entries, prior, args, runtime):
                    data_wait=waited / max(seconds, 1e-9), seconds=seconds)
         log.write(log_row)
         training.print_row(log_row)
-        monitored = metrics.get("val_loss", train_loss)  # lower is better
-        best = min(best, monitored)
+        if val_entries:
+            best = min(best, metrics["val_loss"])  # lower is better
+        is_best = metrics["val_loss"] <= best if val_entries else last_epoch
         checkpoint = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                           args=vars(args), settings=crop_settings(args),
                           prior=prior.tolist(), epoch=epoch,
                           step=step, best=best)
         training.save_checkpoint(last_path, checkpoint)
-        if monitored <= best:
+        if is_best:
             training.save_checkpoint(os.path.join(args.out_dir, f"{name}_best.pt"), checkpoint)
     return log_row
 

@@ -295,6 +295,26 @@ def test_inference_only_recipe_runs_with_just_the_files_the_readme_lists(tiny, t
     _assert_complete(pd.read_csv(tmp_path / "out" / "submission.csv"), tiny)
 
 
+def test_without_validation_the_last_epoch_is_saved_as_best_its_statistics_recomputed_once(
+    tiny, tmp_path, monkeypatch
+):
+    """--all-studies: nothing to choose by, so severity_best.pt is the last epoch's, and the
+    BatchNorm statistics are recomputed once, after it, not after every epoch."""
+    import torch
+
+    import training
+    recomputed, recompute = [], training.recompute_batchnorm
+    monkeypatch.setattr(training, "recompute_batchnorm",
+                        lambda net, batches: recomputed.append(len(batches)) or recompute(net,
+                                                                                         batches))
+    run = tmp_path / "run"
+    train_severity.main(_common(tiny, run) + ["--epochs", "3", "--all-studies", "--crop-px", "32"])
+    best, last = (torch.load(run / f"severity_{kind}.pt", weights_only=False)
+                  for kind in ("best", "last"))
+    assert best["epoch"] == last["epoch"] == 2 and len(recomputed) == 1 and recomputed[0] > 0
+    assert all(torch.equal(best["model"][key], last["model"][key]) for key in last["model"])
+
+
 def test_an_epoch_with_no_step_logs_its_learning_rate_instead_of_crashing(tmp_path):
     """No study has a labelled point, so no batch has a crop and no step is taken: each epoch still
     logs the schedule's learning rate at step 0 and a NaN training loss."""
