@@ -75,6 +75,15 @@ def normalise(volume, intensity_range):
     return np.clip(scaled, 0.0, INTENSITY_CLIP).astype(np.float32)
 
 
+def normalised(volume, index, intensity_range):
+    """normalise(volume[index]) for either kind of volume: a StoredVolume already holds exactly
+    that as bytes, so they are scaled by QUANTUM instead of being turned into scanner units and
+    normalised again."""
+    if isinstance(volume, StoredVolume):
+        return volume.stored[index] * np.float32(QUANTUM)
+    return normalise(volume[index], intensity_range)
+
+
 def quantise(volume, intensity_range):
     """(D, H, W) volume -> uint8 of its normalised intensities, QUANTUM a step."""
     return np.rint(normalise(volume, intensity_range) / QUANTUM).astype(np.uint8)

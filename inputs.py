@@ -154,11 +154,8 @@ def crop_2p5d(series, point_px, size_mm, out_px, n_slices, degrees=0.0):
     left, right = max(math.floor(cols.min()) - 1, 0), min(math.ceil(cols.max()) + 2, width)
     if top >= bottom or left >= right:  # the whole crop lies off the frame
         return torch.zeros(n_slices, out_px, out_px)
-    if isinstance(series.volume, cache.StoredVolume):  # the normalised intensities, as bytes
-        window = series.volume.stored[picks, top:bottom, left:right] * np.float32(cache.QUANTUM)
-    else:
-        window = cache.normalise(series.volume[picks, top:bottom, left:right],
-                                 series.intensity_range)
+    window = cache.normalised(series.volume, (picks, slice(top, bottom), slice(left, right)),
+                              series.intensity_range)
     images = torch.from_numpy(window)[:, None]
     cols, rows = cols - left, rows - top
     grid = np.stack([(2 * cols + 1) / (right - left) - 1, (2 * rows + 1) / (bottom - top) - 1],

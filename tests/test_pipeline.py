@@ -304,9 +304,12 @@ def test_without_validation_the_last_epoch_is_saved_as_best_its_statistics_recom
 
     import training
     recomputed, recompute = [], training.recompute_batchnorm
-    monkeypatch.setattr(training, "recompute_batchnorm",
-                        lambda net, batches: recomputed.append(len(batches)) or recompute(net,
-                                                                                         batches))
+
+    def counted(net, batches):
+        recomputed.append(len(batches))
+        recompute(net, batches)
+
+    monkeypatch.setattr(training, "recompute_batchnorm", counted)
     run = tmp_path / "run"
     train_severity.main(_common(tiny, run) + ["--epochs", "3", "--all-studies", "--crop-px", "32"])
     best, last = (torch.load(run / f"severity_{kind}.pt", weights_only=False)
